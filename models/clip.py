@@ -1,0 +1,459 @@
+"""OpenAI CLIP (ViT) towers and the loader for OpenAI's checkpoint files.
+
+Parameter names are exactly OpenAI's, so their TorchScript archives and plain state dicts load
+with strict key and shape checks. The geometry is read from the tensor shapes. The patch
+position grid is resized once, at load time, to the requested input size.
+
+Tensors are batch-first inside ([B, T, C]); attention runs through
+``F.scaled_dot_product_attention``. LayerNorm is computed in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# OpenAI's download addresses embed each file's SHA-256.
+OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{name}"
+OPENAI_SHA256 = {
+    "ViT-L-14-336px.pt": "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+    "ViT-B-16.pt": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L-14.pt": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+}
+DEFAULT_CLIP_FILE = "ViT-L-14-336px.pt"
+# Entries of OpenAI's archives that are not weights.
+EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, unreadable or does not match the model."""
+
+
+def openai_url(name: str) -> str:
+    return OPENAI_URL.format(sha=OPENAI_SHA256[name], name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, result cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                           self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI's activation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}: use 'gelu' or 'quick_gelu'")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with OpenAI's parameter names (packed q, k, v)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        b, t, c = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3C]
+        qkv = qkv.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        out = out.transpose(1, 2).reshape(b, t, c)  # [B, T, C]
+        return self.out_proj(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, activation: str):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", make_activation(activation))
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, activation: str):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, activation) for _ in range(layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclass(frozen=True)
+class CLIPGeometry:
+    embed_dim: int
+    vision_width: int
+    vision_layers: int
+    patch_size: int
+    grid_size: int            # patches per side of the stored position grid
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_width // 64 if self.vision_width >= 64 else 1
+
+    @property
+    def text_heads(self) -> int:
+        return self.text_width // 64 if self.text_width >= 64 else 1
+
+    @property
+    def native_image_size(self) -> int:
+        return self.patch_size * self.grid_size
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "CLIPGeometry":
+        """Infer the geometry of an OpenAI-layout ViT CLIP from its tensor shapes."""
+        needed = ("visual.conv1.weight", "visual.positional_embedding", "text_projection",
+                  "token_embedding.weight", "positional_embedding", "ln_final.weight")
+        missing = [k for k in needed if k not in sd]
+        if missing:
+            raise WeightsError(
+                "not a CLIP ViT checkpoint in OpenAI's layout: missing "
+                + ", ".join(missing))
+
+        def count(prefix: str) -> int:
+            pat = re.compile(re.escape(prefix) + r"(\d+)\.attn\.in_proj_weight$")
+            return len({int(m.group(1)) for k in sd for m in [pat.match(k)] if m})
+
+        conv = sd["visual.conv1.weight"]
+        n_pos = sd["visual.positional_embedding"].shape[0] - 1
+        grid = int(round(math.sqrt(n_pos)))
+        if grid * grid != n_pos:
+            raise WeightsError(f"visual.positional_embedding has {n_pos} patch positions, "
+                               "not a square grid")
+        return cls(
+            embed_dim=sd["text_projection"].shape[1],
+            vision_width=conv.shape[0],
+            vision_layers=count("visual.transformer.resblocks."),
+            patch_size=conv.shape[-1],
+            grid_size=grid,
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            text_width=sd["ln_final.weight"].shape[0],
+            text_layers=count("transformer.resblocks."),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Towers
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, g: CLIPGeometry, grid_size: int, activation: str):
+        super().__init__()
+        w = g.vision_width
+        self.patch_size = g.patch_size
+        self.grid_size = grid_size
+        self.conv1 = nn.Conv2d(3, w, kernel_size=g.patch_size, stride=g.patch_size, bias=False)
+        scale = w ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid_size ** 2 + 1, w))
+        self.ln_pre = LayerNorm(w)
+        self.transformer = Transformer(w, g.vision_layers, g.vision_heads, activation)
+        self.ln_post = LayerNorm(w)
+        self.proj = nn.Parameter(scale * torch.randn(w, g.embed_dim))
+
+    def forward(self, x: torch.Tensor, layers: Sequence[int] = ()
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        g = self.grid_size
+        if x.shape[-2:] != (g * self.patch_size, g * self.patch_size):
+            raise ValueError(
+                f"images of {tuple(x.shape[-2:])} pixels given to a vision tower loaded for "
+                f"{g * self.patch_size} x {g * self.patch_size}: load_clip(..., image_size="
+                f"{x.shape[-1]}) or resize the images")
+        n_blocks = len(self.transformer.resblocks)
+        for idx in layers:
+            if not 1 <= idx <= n_blocks:
+                raise ValueError(f"layer {idx} out of range: the vision tower has blocks "
+                                 f"1..{n_blocks}")
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, V, G, G]
+        x = x.flatten(2).transpose(1, 2)               # [B, G*G, V]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        wanted = set(layers)
+        taken: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.transformer.resblocks, start=1):
+            x = block(x)
+            if i in wanted:
+                taken[i] = x[:, 1:, :]                 # [B, G*G, V], raw residual stream
+        pooled = self.ln_post(x[:, 0, :]) @ self.proj  # [B, D]
+        return pooled, [taken[i] for i in layers]
+
+
+class CLIP(nn.Module):
+    """OpenAI's CLIP with ViT image tower; parameter names as in OpenAI's checkpoints."""
+
+    def __init__(self, geometry: CLIPGeometry, image_size: int | None = None,
+                 activation: str = "gelu"):
+        super().__init__()
+        g = geometry
+        image_size = image_size or g.native_image_size
+        if image_size % g.patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size "
+                             f"{g.patch_size}")
+        self.geometry = g
+        self.activation = activation
+        self.image_size = image_size
+        self.visual = VisionTransformer(g, image_size // g.patch_size, activation)
+        self.token_embedding = nn.Embedding(g.vocab_size, g.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(g.context_length, g.text_width))
+        self.transformer = Transformer(g.text_width, g.text_layers, g.text_heads, activation)
+        self.ln_final = LayerNorm(g.text_width)
+        self.text_projection = nn.Parameter(torch.empty(g.text_width, g.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=g.text_width ** -0.5)
+
+    # geometry shortcuts
+    @property
+    def grid_size(self) -> int:
+        return self.visual.grid_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.geometry.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.geometry.embed_dim
+
+    @property
+    def vision_width(self) -> int:
+        return self.geometry.vision_width
+
+    @property
+    def text_width(self) -> int:
+        return self.geometry.text_width
+
+    @property
+    def context_length(self) -> int:
+        return self.geometry.context_length
+
+    def encode_image(self, images: torch.Tensor, layers: Sequence[int] = ()
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images [B, 3, S, S] -> (global feature [B, D], tokens after each listed 1-based
+        block [B, G*G, V], class token dropped, no norm or projection)."""
+        return self.visual(images, list(layers))
+
+    def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, W] (T <= context length, before the position embedding)
+        and the end-token position of each row [B] -> text features [B, D].
+
+        Positions after the end token never influence it (causal mask), so callers may cut
+        the sequence right after the largest end-token index."""
+        t = x.shape[1]
+        if t > self.context_length:
+            raise ValueError(f"text of {t} positions is longer than the context length "
+                             f"{self.context_length}")
+        x = x + self.positional_embedding[:t].to(x.dtype)
+        for block in self.transformer.resblocks:
+            x = block(x, causal=True)
+        x = self.ln_final(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, eot_index] @ self.text_projection.to(x.dtype)  # [B, D]
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, 77] (end token = the largest id of a row) -> [B, D]."""
+        eot = tokens.argmax(dim=-1)
+        t = int(eot.max()) + 1 if tokens.numel() else 1
+        return self.encode_text_embeddings(self.token_embedding(tokens[:, :t]), eot)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def resize_position_grid(pos: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """[1 + g*g, C] position embedding -> [1 + G*G, C]: bicubic with antialias on the
+    patch grid, class position kept apart."""
+    n = pos.shape[0] - 1
+    old = int(round(math.sqrt(n)))
+    if old == grid_size:
+        return pos
+    cls_pos, grid = pos[:1], pos[1:]
+    grid = grid.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic",
+                         antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(grid_size * grid_size, -1)
+    return torch.cat([cls_pos.float(), grid], dim=0).to(pos.dtype)
+
+
+def _missing_file_message(path: str) -> str:
+    name = os.path.basename(path)
+    expected = name if name in OPENAI_SHA256 else DEFAULT_CLIP_FILE
+    return (f"CLIP weights not found at '{path}': download {expected} from "
+            f"{openai_url(expected)} and put it there (see pretrained_weight/README.md)")
+
+
+def sha256_of(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_openai_file(path: str) -> None:
+    """For files named like OpenAI's downloads, check the SHA-256 that the download address
+    embeds; other names are not checked."""
+    name = os.path.basename(path)
+    expected = OPENAI_SHA256.get(name)
+    if expected is None:
+        return
+    got = sha256_of(path)
+    if got != expected:
+        size = os.path.getsize(path)
+        raise WeightsError(
+            f"'{path}' is not OpenAI's {name} (SHA-256 {got[:12]}..., expected "
+            f"{expected[:12]}..., {size:,} bytes): the download is truncated or damaged; "
+            f"download it again from {openai_url(name)}, or pass verify=False for a file "
+            "changed on purpose")
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an OpenAI TorchScript archive or a plain state dict to a state dict of CPU
+    tensors (extra archive entries dropped, wrappers stripped)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(_missing_file_message(path))
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # jit.load is still the reader
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
+        raise WeightsError(
+            f"'{path}' is neither a TorchScript archive nor a state dict that torch can read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            "download the file again") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"'{path}' does not hold a state dict of tensors; expected OpenAI's "
+                           "CLIP archive or its state dict")
+    out = {}
+    for k, v in sd.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k in EXTRA_KEYS:
+            continue
+        out[k] = v
+    return out
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict key and shape check that names the differing keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if not (missing or unexpected or wrong):
+        return
+
+    def names(keys: list[str]) -> str:
+        shown = ", ".join(keys[:6])
+        return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {names(unexpected)}")
+    if wrong:
+        parts.append("wrong shapes: " + names(
+            [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+    raise WeightsError(f"'{source}' does not match the model ({'; '.join(parts)})")
+
+
+def build_clip(sd: dict[str, torch.Tensor], image_size: int | None = None,
+               activation: str = "gelu", source: str = "state dict") -> CLIP:
+    """Build a CLIP from an OpenAI-layout state dict (fp32 weights; fp16 tensors are
+    converted), resizing the position grid to ``image_size``."""
+    geometry = CLIPGeometry.from_state_dict(sd)
+    model = CLIP(geometry, image_size=image_size, activation=activation)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    key = "visual.positional_embedding"
+    if key in sd and model.grid_size != geometry.grid_size:
+        log.info("resizing the CLIP position grid from %dx%d to %dx%d (image size %d)",
+                 geometry.grid_size, geometry.grid_size, model.grid_size, model.grid_size,
+                 model.image_size)
+        sd[key] = resize_position_grid(sd[key], model.grid_size)
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_clip(path: str | os.PathLike, image_size: int = 518,
+              device: str | torch.device = "cpu", activation: str = "gelu",
+              verify: bool = True) -> CLIP:
+    """Load OpenAI's CLIP weights (TorchScript archive or state dict) as a frozen fp32 model
+    in eval mode for ``image_size`` x ``image_size`` inputs.
+
+    ``activation``: "gelu" (exact GELU, as the Bayes-PFL release and its checkpoints) or
+    "quick_gelu" (OpenAI's). ``verify``: check the SHA-256 of files named like OpenAI's
+    downloads."""
+    path = os.fspath(path)
+    make_activation(activation)  # validate early
+    if not os.path.isfile(path):
+        raise WeightsError(_missing_file_message(path))
+    if verify:
+        verify_openai_file(path)
+    sd = read_clip_state_dict(path)
+    model = build_clip(sd, image_size=image_size, activation=activation, source=path)
+    model.requires_grad_(False)
+    return model.eval().to(device)
