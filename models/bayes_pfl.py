@@ -1,0 +1,296 @@
+"""Bayes-PFL: the prompt bank, prompt insertion into CLIP's text tower, RCA and the heads.
+
+The module holds only Bayes-PFL's own parameters (the checkpoint); the frozen CLIP is passed
+to the methods that need it. Its state dict has the official keys and shapes
+(``torch.load(f)["MyModel"]`` loads strictly).
+
+Symbols: B images, R samples, N prompts in the bank, P context / Q state vectors, K flows,
+D CLIP embed dim, W text width (== D), V vision width, L layers, G grid side, S image size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .prompt_flow import (Decoder, FlowSamples, GaussianEncoder, ImageAgnosticFlow,
+                          ImageSpecificFlow, kl_term)
+
+# Class names as the official code words them in the text prompt.
+CLASS_NAME_MAP = {
+    "macaroni1": "macaroni", "macaroni2": "macaroni",
+    "pcb1": "printed circuit board", "pcb2": "printed circuit board",
+    "pcb3": "printed circuit board", "pcb4": "printed circuit board",
+    "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum", "metal_nut": "metal nut",
+}
+
+
+def prompt_class_name(name: str) -> str:
+    return CLASS_NAME_MAP.get(name, name).lower()
+
+
+class Fuse(nn.Module):
+    """Patch tokens of all layers -> one image-level vector (attention pooling)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.fuse_modules = nn.Linear(in_dim, hidden)
+        self.compress = nn.Linear(hidden, 1)
+        self.post_process = nn.Linear(hidden, out_dim)
+
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.fuse_modules(torch.cat(list(tokens), dim=-1))   # [B, G*G, V/2]
+        weights = self.compress(x).softmax(dim=1)                 # [B, G*G, 1]
+        pooled = (weights * x).sum(dim=1)                         # [B, V/2]
+        return self.post_process(pooled)                          # [B, W]
+
+
+class RCA(nn.Module):
+    """Residual cross-modal attention: text embeddings attend to one layer's patch tokens."""
+
+    def __init__(self, width: int, vision_width: int, num_layers: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.q_proj_pre = nn.Conv1d(width, width, kernel_size=1)
+        self.linear_proj = nn.ModuleList(
+            nn.Linear(vision_width, width, bias=False) for _ in range(num_layers))
+
+    def patch_features(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        """Raw tokens [B, G*G, V] -> F_s [B, G*G, W], L2-normalised."""
+        return F.normalize(self.linear_proj[layer](tokens), dim=-1)
+
+    def forward(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """text [B, T, W] (normalised), patches F_s [B, G*G, W] -> updated text [B, T, W]."""
+        b, t, w = text.shape
+        h = self.heads
+        q = self.q_proj_pre(text.transpose(1, 2)).transpose(1, 2)     # [B, T, W]
+        q = q.reshape(b, t, h, w // h).transpose(1, 2)                # [B, h, T, W/h]
+        kv = patches.reshape(b, -1, h, w // h).transpose(1, 2)        # [B, h, GG, W/h]
+        att = (q @ kv.transpose(-1, -2) * w ** -0.5).softmax(-1)      # [B, h, T, GG]
+        out = (att @ kv).transpose(1, 2).reshape(b, t, w)             # [B, T, W]
+        return F.normalize(out + text, dim=-1)
+
+
+@dataclass
+class Samples:
+    """Prompt offsets of one forward: context [R, B, D]; states [R, 1, D]."""
+    context: FlowSamples
+    normal: FlowSamples
+    abnormal: FlowSamples
+
+
+class BayesPFL(nn.Module):
+    def __init__(self, embed_dim: int, text_width: int, vision_width: int, num_layers: int,
+                 prompt_num: int = 3, prompt_context_len: int = 5, prompt_state_len: int = 5,
+                 num_flows: int = 10):
+        super().__init__()
+        if embed_dim != text_width:
+            raise ValueError(f"Bayes-PFL adds prompt samples of dimension {embed_dim} (CLIP "
+                             f"embed dim) to prompt vectors of the text width {text_width}: "
+                             "the two must be equal")
+        d, v = embed_dim, vision_width
+        self.prompt_num = prompt_num
+        self.prompt_context_len = prompt_context_len
+        self.prompt_state_len = prompt_state_len
+        self.num_flows = num_flows
+        self.num_layers = num_layers
+        # Text positions are cut after the last end token (exact: causal mask). Off: all 77.
+        self.cut_text = True
+
+        self.prompt_context = nn.Parameter(torch.empty(prompt_num, prompt_context_len, d))
+        self.prompt_state_normal = nn.Parameter(torch.empty(prompt_num, prompt_state_len, d))
+        self.prompt_state_abnormal = nn.Parameter(torch.empty(prompt_num, prompt_state_len, d))
+        self.temperature_pixel = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.temperature_image = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+        # Shared modules: registered under several names, as in the official checkpoints.
+        self.context_encoder = GaussianEncoder(d, v // 2)
+        self.context_decoder = Decoder(d, v // 2)
+        self.state_encoder = GaussianEncoder(d, v // 2)
+        self.state_decoder = Decoder(d, v // 2)
+        self.PFL_context = ImageSpecificFlow(self.context_encoder, self.context_decoder, d,
+                                             num_flows)
+        self.PFL_normal = ImageAgnosticFlow(self.state_encoder, self.state_decoder, d,
+                                            num_flows)
+        self.PFL_abnormal = ImageAgnosticFlow(self.state_encoder, self.state_decoder, d,
+                                              num_flows)
+        self.fuse = Fuse(num_layers * v, v // 2, d)
+        self.RCA = RCA(d, v, num_layers)
+        self.class_mapping = nn.Linear(d, d)
+        self.image_mapping = nn.Linear(d, d)
+        self.reset_parameters()
+        self._class_tokens: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_clip(cls, clip, prompt_num: int = 3, prompt_context_len: int = 5,
+                  prompt_state_len: int = 5, num_flows: int = 10,
+                  layers: Sequence[int] = (6, 12, 18, 24)) -> "BayesPFL":
+        model = cls(clip.embed_dim, clip.text_width, clip.vision_width, len(layers),
+                    prompt_num, prompt_context_len, prompt_state_len, num_flows)
+        return model.to(next(clip.parameters()).device)
+
+    def reset_parameters(self) -> None:
+        """The official initialisation."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for flow in (self.PFL_normal, self.PFL_abnormal):
+            for p in (flow.amor_u, flow.amor_w, flow.amor_b, flow.state):
+                nn.init.normal_(p)
+        nn.init.trunc_normal_(self.prompt_context, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.prompt_state_normal, mean=0.5, std=0.02)
+        nn.init.trunc_normal_(self.prompt_state_abnormal, mean=-0.5, std=0.02)
+        with torch.no_grad():
+            self.temperature_pixel.fill_(math.log(1 / 0.07))
+            self.temperature_image.fill_(math.log(1 / 0.07))
+
+    # ---------------------------------------------------------------------------------------
+    # Sampling
+
+    def sample(self, image_features: torch.Tensor, eps_context: torch.Tensor,
+               eps_normal: torch.Tensor, eps_abnormal: torch.Tensor) -> Samples:
+        """Draws given the standard-normal noise: context [R, B, D], states [R, 1, D]."""
+        return Samples(self.PFL_context(image_features, eps_context),
+                       self.PFL_normal(eps_normal), self.PFL_abnormal(eps_abnormal))
+
+    # ---------------------------------------------------------------------------------------
+    # Text side
+
+    def class_tokens(self, class_names: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Token ids [B, 77] of "X <class name>" for each image (cached per name)."""
+        from .tokenizer import tokenize
+
+        rows = []
+        for name in class_names:
+            if name not in self._class_tokens:
+                self._class_tokens[name] = tokenize(["X " + prompt_class_name(name)])[0]
+            rows.append(self._class_tokens[name])
+        return torch.stack(rows).to(device)
+
+    def prompt_vectors(self, context: torch.Tensor, normal: torch.Tensor,
+                       abnormal: torch.Tensor) -> torch.Tensor:
+        """Prompt offsets -> prompt vectors [B, 2, R, N, P+Q, W].
+
+        context [R, B, D]: added to the P context vectors; normal / abnormal [R, 1, D] or
+        [R, B, D]: added to the Q state vectors of the normal / abnormal prompts."""
+        ctx = self.prompt_context[None, None] + context.transpose(0, 1)[:, :, None, None]
+        r, b = context.shape[:2]
+
+        def state(bank: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            z = z.transpose(0, 1).expand(b, r, -1)              # [B, R, D]
+            return bank[None, None] + z[:, :, None, None]       # [B, R, N, Q, W]
+
+        normal_p = torch.cat([ctx, state(self.prompt_state_normal, normal)], dim=3)
+        abnormal_p = torch.cat([ctx, state(self.prompt_state_abnormal, abnormal)], dim=3)
+        return torch.stack([normal_p, abnormal_p], dim=1)
+
+    def encode_prompts(self, clip, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompt vectors [B, ..., P+Q, W] inserted at the "X" token of each image's class
+        text (tokens [B, 77]) -> L2-normalised text embeddings [B, ..., D] (one text tower
+        call for all of them)."""
+        b = prompts.shape[0]
+        lead = prompts.shape[1:-2]
+        m = prompts.shape[-2]
+        n_per = math.prod(lead)
+        ctx_len = tokens.shape[1]
+        eot = tokens.argmax(dim=-1) + m - 1                     # [B] end token after insertion
+        t = int(eot.max()) + 1 if self.cut_text else ctx_len
+        emb = clip.token_embedding(tokens).to(prompts.dtype)    # [B, 77, W]
+        # [SOS] + prompts + the name tokens onwards, cut to t (<= 77) positions
+        tail = emb[:, 2:t - m + 1] if t - m + 1 > 2 else emb[:, 2:2]
+        seq = torch.cat([
+            emb[:, None, :1].expand(b, n_per, 1, -1),
+            prompts.reshape(b, n_per, m, -1),
+            tail[:, None].expand(b, n_per, -1, -1),
+        ], dim=2)[:, :, :t]                                     # [B, n, t, W]
+        feats = clip.encode_text_embeddings(seq.reshape(b * n_per, t, -1),
+                                            eot.repeat_interleave(n_per))
+        return F.normalize(feats, dim=-1).reshape(b, *lead, -1)
+
+    def text_embeddings(self, clip, samples: Samples, class_names: Sequence[str]
+                        ) -> torch.Tensor:
+        """All N*R normal then N*R abnormal embeddings per image, sample-major:
+        [B, 2NR, D]."""
+        context = samples.context.zk
+        tokens = self.class_tokens(class_names, context.device)
+        prompts = self.prompt_vectors(context, samples.normal.zk, samples.abnormal.zk)
+        emb = self.encode_prompts(clip, prompts, tokens)       # [B, 2, R, N, D]
+        return emb.flatten(1, 3)
+
+    # ---------------------------------------------------------------------------------------
+    # Heads
+
+    def pixel_logits(self, tokens: Sequence[torch.Tensor], text: torch.Tensor
+                     ) -> list[torch.Tensor]:
+        """Per layer: exp(t_pixel) * F_s @ RCA(text)^T -> [B, T, G, G] (not upsampled)."""
+        out = []
+        scale = self.temperature_pixel.exp()
+        for layer, tok in enumerate(tokens):
+            patches = self.RCA.patch_features(tok, layer)      # [B, GG, W]
+            updated = self.RCA(text, patches)                  # [B, T, W]
+            logits = scale * patches @ updated.transpose(1, 2) # [B, GG, T]
+            g = int(round(math.sqrt(logits.shape[1])))
+            out.append(logits.transpose(1, 2).reshape(logits.shape[0], -1, g, g))
+        return out
+
+    def image_logits(self, image_features: torch.Tensor, tokens: Sequence[torch.Tensor],
+                     text: torch.Tensor, stage: int) -> torch.Tensor:
+        """[B, T] image-level logits; stage 2 adds the fused patch tokens and image_mapping."""
+        text = F.normalize(self.class_mapping(text), dim=-1)   # [B, T, D]
+        if stage == 1:
+            image = F.normalize(image_features, dim=-1)
+        else:
+            image = F.normalize(self.image_mapping(image_features + self.fuse(tokens)), dim=-1)
+        return self.temperature_image.exp() * (text @ image.unsqueeze(-1)).squeeze(-1)
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+
+    def training_forward(self, clip, image_features: torch.Tensor,
+                         tokens: Sequence[torch.Tensor], class_names: Sequence[str],
+                         labels: torch.Tensor, masks: torch.Tensor, prompt_index: int,
+                         stage: int, noise: dict | None = None) -> dict:
+        """One training step's forward (R = 1 sample per image and per state distribution).
+
+        Returns the image logits of the chosen prompt pair [B, 2], the full-size map logits
+        per layer [B, 2, S, S] (stage 1), and the loss terms."""
+        from .losses import dice_loss, focal_loss, orthogonality_loss
+
+        b, d = image_features.shape
+        dev, dt = image_features.device, image_features.dtype
+        if noise is None:
+            noise = {"context": torch.randn(1, b, d, device=dev, dtype=dt),
+                     "normal": torch.randn(1, 1, d, device=dev, dtype=dt),
+                     "abnormal": torch.randn(1, 1, d, device=dev, dtype=dt)}
+        n = self.prompt_num
+        i = prompt_index
+        with torch.set_grad_enabled(stage == 1 and torch.is_grad_enabled()):
+            samples = self.sample(image_features, noise["context"], noise["normal"],
+                                  noise["abnormal"])
+            text = self.text_embeddings(clip, samples, class_names)   # [B, 2N, D] (R = 1)
+            pair = text[:, [i, n + i]]                                 # [B, 2, D]
+        logits = self.image_logits(image_features, tokens, pair, stage)  # [B, 2]
+        out = {"image_logits": logits,
+               "loss_ce": F.cross_entropy(logits, labels.long())}
+        if stage != 1:
+            out["loss"] = out["loss_ce"]
+            return out
+        size = masks.shape[-1]
+        maps = [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True)
+                for m in self.pixel_logits(tokens, pair)]
+        target = masks.reshape(b, size, size)
+        seg = sum(focal_loss(m.softmax(1), target) + dice_loss(m.softmax(1)[:, 1], target)
+                  for m in maps)
+        kl = (kl_term(samples.context, b) + kl_term(samples.normal, b)
+              + kl_term(samples.abnormal, b))
+        ortho = (orthogonality_loss(text[:, :n]) + orthogonality_loss(text[:, n:]))
+        out.update(maps=maps, loss_seg=seg, loss_kl=kl, loss_orth=ortho,
+                   loss=out["loss_ce"] + seg + 0.01 * kl + ortho)
+        return out
