@@ -201,6 +201,9 @@ class BayesPFL(nn.Module):
         n_per = math.prod(lead)
         ctx_len = tokens.shape[1]
         eot = tokens.argmax(dim=-1) + m - 1                     # [B] end token after insertion
+        if int(eot.max()) >= ctx_len:
+            raise ValueError(f"a class name is too long: with {m} prompt vectors its text "
+                             f"needs more than {ctx_len} positions; use a shorter class name")
         t = int(eot.max()) + 1 if self.cut_text else ctx_len
         emb = clip.token_embedding(tokens).to(prompts.dtype)    # [B, 77, W]
         # [SOS] + prompts + the name tokens onwards, cut to t (<= 77) positions
@@ -244,11 +247,14 @@ class BayesPFL(nn.Module):
                      text: torch.Tensor, stage: int) -> torch.Tensor:
         """[B, T] image-level logits; stage 2 adds the fused patch tokens and image_mapping."""
         text = F.normalize(self.class_mapping(text), dim=-1)   # [B, T, D]
+        scale = self.temperature_image.exp()
         if stage == 1:
             image = F.normalize(image_features, dim=-1)
         else:
+            # stage 2 trains class_mapping, image_mapping and fuse only
             image = F.normalize(self.image_mapping(image_features + self.fuse(tokens)), dim=-1)
-        return self.temperature_image.exp() * (text @ image.unsqueeze(-1)).squeeze(-1)
+            scale = scale.detach()
+        return scale * (text @ image.unsqueeze(-1)).squeeze(-1)
 
     # ---------------------------------------------------------------------------------------
     # Training

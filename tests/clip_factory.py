@@ -114,3 +114,37 @@ def write_torchscript(path, sd) -> None:
 
 def write_state_dict(path, sd) -> None:
     torch.save(sd, str(path))
+
+
+TINY_GEOMETRY = dict(vision_width=64, vision_layers=4, patch=8, grid=4, text_width=64,
+                     text_layers=2, embed_dim=64)
+TINY_LAYERS = [1, 2, 3, 4]
+
+
+def write_tiny_checkpoints(directory, seed=0, image_size=32, layers=TINY_LAYERS,
+                           geometry=None):
+    """A random CLIP state dict file and a random official-format Bayes-PFL checkpoint.
+
+    Returns (clip_path, checkpoint_path). The Bayes-PFL weights get a larger spread than the
+    official initialisation so that scores and maps vary visibly between images."""
+    import os
+
+    from models.bayes_pfl import BayesPFL
+    from models.clip import build_clip
+
+    geometry = dict(geometry or TINY_GEOMETRY)
+    sd = make_clip_state_dict(seed=seed, **geometry)
+    clip_path = os.path.join(str(directory), "clip_tiny.pt")
+    write_state_dict(clip_path, sd)
+    clip = build_clip(sd, image_size=image_size)
+    torch.manual_seed(seed)
+    model = BayesPFL.from_clip(clip, layers=layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("RCA.", "class_mapping", "image_mapping", "fuse.")) and p.dim() > 1:
+                p.normal_(0, 0.2)
+        model.temperature_pixel.fill_(2.5)
+        model.temperature_image.fill_(3.0)
+    ckpt_path = os.path.join(str(directory), "bayes_tiny.pth")
+    torch.save({"MyModel": model.state_dict()}, ckpt_path)
+    return clip_path, ckpt_path

@@ -99,7 +99,7 @@ def _tokens(n=3, seed=0):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
+def clip_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("clip")
     sd32 = make_clip_state_dict(seed=1, **TINY)
     sd16 = {k: v.half() for k, v in sd32.items()}
@@ -110,8 +110,8 @@ def tiny_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
-def test_three_file_kinds_agree_and_match_reference(tiny_files, activation):
-    d, sd = tiny_files
+def test_three_file_kinds_agree_and_match_reference(clip_files, activation):
+    d, sd = clip_files
     images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     tokens = _tokens()
     outs = []
@@ -136,8 +136,8 @@ def test_three_file_kinds_agree_and_match_reference(tiny_files, activation):
                                rtol=0, atol=1e-5)
 
 
-def test_resized_grid_matches_interpolate_and_reference(tiny_files):
-    d, sd = tiny_files
+def test_resized_grid_matches_interpolate_and_reference(clip_files):
+    d, sd = clip_files
     m = load_clip(d / "sd32.pt", image_size=40)   # grid 3 -> 5
     assert m.grid_size == 5
     pos = sd["visual.positional_embedding"]
@@ -157,8 +157,8 @@ def test_resized_grid_matches_interpolate_and_reference(tiny_files):
         m.encode_image(torch.randn(1, 3, 24, 24), [1])
 
 
-def test_text_embedding_entry_cut_equals_full(tiny_files):
-    d, _ = tiny_files
+def test_text_embedding_entry_cut_equals_full(clip_files):
+    d, _ = clip_files
     m = load_clip(d / "sd32.pt", image_size=24)
     tokens = _tokens(4, seed=3)
     emb = m.token_embedding(tokens)
@@ -249,8 +249,8 @@ def test_missing_key_and_wrong_shape(tmp_path):
         load_clip(tmp_path / "d.pt", image_size=24)
 
 
-def test_checksum_of_known_names(tmp_path, tiny_files):
-    d, sd = tiny_files
+def test_checksum_of_known_names(tmp_path, clip_files):
+    d, sd = clip_files
     p = tmp_path / "ViT-L-14-336px.pt"
     write_state_dict(p, sd)
     with pytest.raises(WeightsError, match="truncated or damaged"):
@@ -259,8 +259,8 @@ def test_checksum_of_known_names(tmp_path, tiny_files):
     assert m.embed_dim == 48
 
 
-def test_bad_arguments(tiny_files):
-    d, sd = tiny_files
+def test_bad_arguments(clip_files):
+    d, sd = clip_files
     with pytest.raises(ValueError, match="activation"):
         load_clip(d / "sd32.pt", activation="relu")
     with pytest.raises(ValueError, match="multiple of the patch size"):
