@@ -1,0 +1,66 @@
+"""Small shared helpers: seeding, logging, devices and precision."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | None = None, device_id: int | None = None) -> torch.device:
+    """"auto"/None -> cuda if available else cpu; "cuda" with ``device_id`` -> cuda:ID."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and device_id is not None:
+        device = f"cuda:{device_id}"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but no CUDA device is available; "
+                         "use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for "bf16"/"fp16"; a no-op for "fp32"."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_logging(log_file: str | None = None, level: int = logging.INFO,
+                  name: str = "bayes_pfl") -> logging.Logger:
+    """A logger writing to stderr and, when given, to ``log_file`` (appending)."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    logger.handlers.clear()
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    # models' own log lines (e.g. the position-grid resize) go to the same places
+    models_log = logging.getLogger("models")
+    models_log.handlers = logger.handlers
+    models_log.setLevel(level)
+    models_log.propagate = False
+    return logger
