@@ -1,0 +1,361 @@
+"""Tests of dataset/data.py: preprocessing, labels and masks, augmentation, mosaic, errors, loaders."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from dataset.data import (
+    CLASSIFICATION_ONLY,
+    CLIP_MEAN,
+    CLIP_STD,
+    AnomalyDataset,
+    DatasetError,
+    JointAugment,
+    collate,
+    make_loader,
+    preprocess_image,
+    preprocess_mask,
+)
+from dataset.synthetic import write_standard
+
+CLASSES = ["pill", "weave"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Standard-layout synthetic data: 2 classes, 64 px, 2 good + 4 anomalous test images each."""
+    out = tmp_path_factory.mktemp("synthetic")
+    write_standard(str(out), name="synthetic", classes=CLASSES, seed=0, size=64, n_train=1,
+                   n_test_good=2, n_test_anomaly=4)
+    return str(out)
+
+
+def _meta(root, name="synthetic"):
+    with open(os.path.join(root, f"meta_{name}.json")) as handle:
+        return json.load(handle)
+
+
+def _write_meta(root, name, test):
+    with open(os.path.join(root, f"meta_{name}.json"), "w") as handle:
+        json.dump({"train": {}, "test": test}, handle)
+
+
+def _sample(img_path, mask_path="", cls="square", anomaly=1):
+    return {"img_path": img_path, "mask_path": mask_path, "cls_name": cls,
+            "specie_name": "anomaly" if anomaly else "good", "dataset_name": "x",
+            "anomaly": anomaly}
+
+
+def _reference_image(path, size):
+    transform = transforms.Compose([
+        transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+    return transform(Image.open(path).convert("RGB"))
+
+
+def _reference_mask(path, size):
+    grey = np.array(Image.open(path).convert("L"))
+    binary = Image.fromarray(np.where(grey > 0, 255, 0).astype(np.uint8))
+    resized = transforms.Resize((size, size), interpolation=InterpolationMode.BILINEAR)(binary)
+    return (transforms.ToTensor()(resized) > 0.5).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Items, preprocessing, labels
+# ----------------------------------------------------------------------------------------------
+
+
+def test_items_shapes_labels_and_masks(root):
+    dataset = AnomalyDataset(root, "synthetic", image_size=64)
+    assert len(dataset) == 2 * (2 + 4)
+    assert dataset.augmentation is None and dataset.mosaic_prob == 0.0
+    meta = _meta(root)["test"]
+    expected_paths = [os.path.join(root, s["img_path"]) for c in sorted(meta) for s in meta[c]]
+    assert [s["img_path"] for s in dataset.samples] == expected_paths
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+        assert item["mask"].shape == (1, 64, 64) and item["mask"].dtype == torch.float32
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert isinstance(item["label"], int) and item["label"] in (0, 1)
+        assert item["label"] == int(item["mask"].sum() > 0)
+        assert item["specie_name"] == ("anomaly" if item["label"] else "good")
+        assert isinstance(item["cls_name"], str) and os.path.isfile(item["img_path"])
+
+
+def test_preprocessing_matches_pil_and_torchvision(root):
+    dataset = AnomalyDataset(root, "synthetic", image_size=48)
+    anomalous = [i for i, s in enumerate(dataset.samples) if s["label"] == 1]
+    for index in (0, anomalous[0], anomalous[-1]):
+        item = dataset[index]
+        sample = dataset.samples[index]
+        assert torch.equal(item["image"], _reference_image(sample["img_path"], 48))
+        if sample["label"]:
+            assert torch.equal(item["mask"], _reference_mask(sample["mask_path"], 48))
+    path = dataset.samples[0]["img_path"]
+    assert torch.equal(preprocess_image(Image.open(path), 48), _reference_image(path, 48))
+
+
+def test_mask_binarisation(tmp_path):
+    # faint labels (value 3) count as foreground at full size; a lone pixel vanishes when shrunk
+    grey = np.zeros((40, 40), np.uint8)
+    grey[8:20, 10:30] = 3
+    grey[35, 35] = 255
+    pil_mask = Image.fromarray(grey)
+    same_size = preprocess_mask(pil_mask, 40)
+    assert same_size.shape == (1, 40, 40)
+    assert torch.equal(same_size[0].bool(), torch.from_numpy(grey > 0))
+    small = preprocess_mask(pil_mask, 20)
+    assert torch.equal(small, _reference_mask_from_array(grey, 20))
+    assert small[0, 4:10, 5:15].all() and small[0, 17, 17] == 0
+    assert set(small.unique().tolist()) <= {0.0, 1.0}
+
+
+def _reference_mask_from_array(grey, size):
+    binary = Image.fromarray(np.where(grey > 0, 255, 0).astype(np.uint8))
+    resized = binary.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(resized) / 255.0 > 0.5).float()[None]
+
+
+def test_class_filter_and_unknown_class(root):
+    dataset = AnomalyDataset(root, "synthetic", image_size=32, class_names=["weave"])
+    assert dataset.class_names == ["weave"] and len(dataset) == 6
+    assert {s["cls_name"] for s in dataset.samples} == {"weave"}
+    with pytest.raises(DatasetError, match="meta_synthetic.json") as error:
+        AnomalyDataset(root, "synthetic", image_size=32, class_names=["weave", "carpet"])
+    assert "'carpet'" in str(error.value) and "pill, weave" in str(error.value)
+
+
+def test_placeholders_skipped_and_classification_only(root, tmp_path):
+    meta = _meta(root)
+    placeholder = {"img_path": "", "mask_path": "", "cls_name": "pill", "specie_name": "good",
+                   "dataset_name": "", "anomaly": 0}
+    test = {"pill": [placeholder] + meta["test"]["pill"]}
+    for name in ("copy", "HeadCT"):
+        _write_meta(root, name, test)
+    dataset = AnomalyDataset(root, "copy", image_size=32)
+    assert len(dataset) == len(meta["test"]["pill"])
+    assert all(s["img_path"] != root for s in dataset.samples)
+
+    assert "HeadCT" in CLASSIFICATION_ONLY
+    for dataset in (AnomalyDataset(root, "HeadCT", image_size=32),
+                    AnomalyDataset(root, "copy", image_size=32, classification_only=True)):
+        assert dataset.classification_only
+        items = [dataset[i] for i in range(len(dataset))]
+        assert sum(item["label"] for item in items) == 4
+        assert all(item["mask"].sum() == 0 for item in items)
+
+
+def test_mode_defaults(root):
+    train = AnomalyDataset(root, "synthetic", mode="train", image_size=32)
+    assert isinstance(train.augmentation, JointAugment) and train.mosaic_prob == 0.0
+    off = AnomalyDataset(root, "synthetic", mode="train", image_size=32, augment=False)
+    assert off.augmentation is None
+    _write_meta(root, "mvtec", _meta(root)["test"])
+    assert AnomalyDataset(root, "mvtec", mode="train", image_size=32).mosaic_prob == 0.4
+    assert AnomalyDataset(root, "mvtec", mode="test", image_size=32).mosaic_prob == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_missing_meta(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        AnomalyDataset(str(tmp_path), "visa")
+    message = str(error.value)
+    assert os.path.join(str(tmp_path), "meta_visa.json") in message
+    assert f"python dataset/make_meta.py --data_root {tmp_path} --dataset visa" in message
+
+
+def test_unreadable_image_missing_mask_and_empty_class(tmp_path):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "ok.bmp")
+    (tmp_path / "broken.bmp").write_bytes(b"not an image at all")
+    _write_meta(str(tmp_path), "bad", {"square": [
+        _sample("broken.bmp", anomaly=0),
+        _sample("ok.bmp", "gone.png", anomaly=1),
+    ]})
+    dataset = AnomalyDataset(str(tmp_path), "bad", image_size=16)
+    with pytest.raises(DatasetError, match="broken.bmp"):
+        dataset[0]
+    with pytest.raises(DatasetError, match="gone.png"):
+        dataset[1]
+    # without ground truth the anomalous sample is fine (zero mask, label kept)
+    item = AnomalyDataset(str(tmp_path), "bad", image_size=16, classification_only=True)[1]
+    assert item["label"] == 1 and item["mask"].sum() == 0
+
+    _write_meta(str(tmp_path), "empty", {"square": [_sample("ok.bmp", anomaly=0)], "hollow": []})
+    with pytest.raises(DatasetError, match="'hollow'"):
+        AnomalyDataset(str(tmp_path), "empty")
+    assert len(AnomalyDataset(str(tmp_path), "empty", class_names=["square"])) == 1
+
+    _write_meta(str(tmp_path), "label", {"square": [dict(_sample("ok.bmp"), anomaly=2)]})
+    with pytest.raises(DatasetError, match="anomaly=2"):
+        AnomalyDataset(str(tmp_path), "label")
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+def _square(size=64):
+    image = np.zeros((size, size, 3), np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    image[12:28, 30:50] = 255
+    mask[12:28, 30:50] = 255
+    return image, mask
+
+
+def _shift_any(mask, radius):
+    """Binary dilation by a (2r+1)^2 square, numpy only."""
+    padded = np.pad(mask, radius)
+    out = np.zeros_like(mask)
+    size = mask.shape[0]
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy:dy + size, dx:dx + size]
+    return out
+
+
+ONLY_ROTATE = dict(p_rotate=1.0, p_rot90=0.0, p_brightness_contrast=0.0, p_noise=0.0, p_blur=0.0)
+ONLY_ROT90 = dict(p_rotate=0.0, p_rot90=1.0, p_brightness_contrast=0.0, p_noise=0.0, p_blur=0.0)
+ONLY_PHOTOMETRIC = dict(p_rotate=0.0, p_rot90=0.0, p_brightness_contrast=1.0, p_noise=1.0,
+                        p_blur=1.0)
+
+
+@pytest.mark.parametrize("probabilities", [ONLY_ROTATE, ONLY_ROT90,
+                                           dict(ONLY_ROTATE, p_rot90=1.0)])
+def test_geometric_augmentation_keeps_image_and_mask_aligned(probabilities):
+    augment = JointAugment(**probabilities)
+    source_image, source_mask = _square()
+    random.seed(1)
+    moved = 0
+    for _ in range(12):
+        image, mask = augment(source_image.copy(), source_mask.copy())
+        assert image.shape == source_image.shape and image.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        white, marked = image[..., 0] > 127, mask > 0
+        assert marked.sum() > 0.8 * (source_mask > 0).sum()
+        if probabilities is ONLY_ROT90:
+            assert np.array_equal(white, marked)  # exact for quarter turns
+        # bilinear image vs nearest mask: they may disagree only on the square's outline
+        assert not (marked & ~_shift_any(white, 1)).any()
+        assert not (white & ~_shift_any(marked, 1)).any()
+        moved += not np.array_equal(marked, source_mask > 0)
+    assert moved == 12
+
+
+def test_photometric_augmentation_leaves_mask_alone():
+    augment = JointAugment(**ONLY_PHOTOMETRIC)
+    image, mask = _square()
+    random.seed(2)
+    for _ in range(6):
+        out_image, out_mask = augment(image.copy(), mask.copy())
+        assert np.array_equal(out_mask, mask)
+        assert not np.array_equal(out_image, image) and out_image.dtype == np.uint8
+
+
+def test_dataset_applies_augmentation_jointly(tmp_path):
+    image, mask = _square(48)
+    Image.fromarray(image).save(tmp_path / "square.bmp")
+    Image.fromarray(mask).save(tmp_path / "square.png")
+    _write_meta(str(tmp_path), "square", {"square": [_sample("square.bmp", "square.png")]})
+    dataset = AnomalyDataset(str(tmp_path), "square", mode="train", image_size=48,
+                             augment=JointAugment(**dict(ONLY_ROTATE, p_rot90=1.0)))
+    mean = torch.tensor(CLIP_MEAN)[:, None, None]
+    std = torch.tensor(CLIP_STD)[:, None, None]
+    random.seed(3)
+    for _ in range(4):
+        item = dataset[0]
+        white = ((item["image"] * std + mean)[0] > 0.5).numpy()
+        marked = item["mask"][0].bool().numpy()
+        assert not (marked & ~_shift_any(white, 1)).any()
+        assert not (white & ~_shift_any(marked, 1)).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Mosaic
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [64, 45])
+def test_mosaic_from_four_anomalous_images(root, size):
+    dataset = AnomalyDataset(root, "synthetic", mode="train", image_size=size, augment=False,
+                             mosaic_prob=1.0)
+    half = size // 2
+    boxes = [(0, half, 0, half), (0, half, half, size), (half, size, 0, half),
+             (half, size, half, size)]
+    random.seed(4)
+    for index in (0, len(dataset) - 1):  # a good and an anomalous sample
+        item = dataset[index]
+        assert item["label"] == 1 and item["specie_name"] == "mosaic"
+        paths = item["img_path"].split("|")
+        assert len(paths) == 4 and len(set(paths)) == 4
+        by_path = {s["img_path"]: s for s in dataset.samples}
+        for path, (top, bottom, left, right) in zip(paths, boxes):
+            source = by_path[path]
+            assert source["label"] == 1
+            assert source["cls_name"] == dataset.samples[index]["cls_name"] == item["cls_name"]
+            height, width = bottom - top, right - left
+            expected = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
+            expected = transforms.Normalize(CLIP_MEAN, CLIP_STD)(transforms.ToTensor()(expected))
+            assert torch.equal(item["image"][:, top:bottom, left:right], expected)
+            grey = np.array(Image.open(source["mask_path"]).convert("L"))
+            binary = Image.fromarray(np.where(grey > 0, 255, 0).astype(np.uint8))
+            expected_mask = np.array(binary.resize((width, height), Image.BILINEAR)) / 255 > 0.5
+            assert expected_mask.any()
+            assert np.array_equal(item["mask"][0, top:bottom, left:right].numpy(),
+                                  expected_mask.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader
+# ----------------------------------------------------------------------------------------------
+
+
+def _batches(dataset, num_workers, seed):
+    loader = make_loader(dataset, batch_size=4, shuffle=True, num_workers=num_workers, seed=seed)
+    assert loader.pin_memory == torch.cuda.is_available()
+    return list(loader)
+
+
+def _same(first, second):
+    return all(torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+               and a["img_path"] == b["img_path"] for a, b in zip(first, second))
+
+
+def test_loader_collate_and_seeded_determinism(root):
+    dataset = AnomalyDataset(root, "synthetic", mode="train", image_size=32, mosaic_prob=0.3)
+    random.seed(5)
+    first = _batches(dataset, 0, seed=7)
+    random.seed(5)
+    second = _batches(dataset, 0, seed=7)
+    assert _same(first, second)
+    batch = first[0]
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["mask"].shape == (4, 1, 32, 32)
+    assert batch["label"].dtype == torch.long and batch["label"].shape == (4,)
+    assert isinstance(batch["cls_name"], list) and isinstance(batch["img_path"][0], str)
+
+    workers = _batches(dataset, 2, seed=7)
+    assert _same(workers, _batches(dataset, 2, seed=7))
+    assert not _same(workers, _batches(dataset, 2, seed=8))
+
+
+def test_collate_keeps_strings():
+    items = [{"image": torch.zeros(3, 2, 2), "label": 1, "cls_name": "a b", "score": 0.5},
+             {"image": torch.ones(3, 2, 2), "label": 0, "cls_name": "c", "score": 1.5}]
+    batch = collate(items)
+    assert batch["image"].shape == (2, 3, 2, 2)
+    assert batch["label"].tolist() == [1, 0] and batch["cls_name"] == ["a b", "c"]
+    assert batch["score"] == [0.5, 1.5]
