@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.converters import CONVERTERS, DatasetError, execute  # noqa: E402
-from dataset.converters.common import list_dirs  # noqa: E402
+from dataset.converters.common import find_dir  # noqa: E402
 
 DEFAULT_DST = Path("dataset") / "mvisa" / "data"
 Counts = Dict[str, Dict[str, int]]
@@ -37,14 +37,6 @@ def resolve_name(name: str) -> str:
         if known.lower() == name.lower():
             return known
     raise UnknownDatasetError(f"Unknown dataset '{name}': choose one of {', '.join(CONVERTERS)}.")
-
-
-def _find_folder(root: Path, name: str) -> Optional[Path]:
-    """`root/name`, or the one sub-folder whose name matches `name` case-insensitively."""
-    if (root / name).is_dir():
-        return root / name
-    matches = [d for d in list_dirs(root) if d.lower() == name.lower()]
-    return root / matches[0] if len(matches) == 1 else None
 
 
 def _remove(path: Path) -> None:
@@ -109,8 +101,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="BrainMRI: take every image file, extension in any case "
                              "(changes counts and ids from the published data)")
     args = parser.parse_args(argv)
-    if args.dataset is not None and args.src is None:
-        parser.error("--dataset needs --src")
+    if args.dataset is not None:
+        try:
+            resolve_name(args.dataset)
+        except UnknownDatasetError as error:  # one line, before any usage message
+            print(f"make_dataset: {error}", file=sys.stderr)
+            sys.exit(2)
+        if args.src is None:
+            parser.error("--dataset needs --src")
     if args.all and args.src_root is None:
         parser.error("--all needs --src-root")
     return args
@@ -121,12 +119,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = dict(dst=args.dst, overwrite=args.overwrite,
                    brainmri_any_case=args.brainmri_any_case)
     if not args.all:
+        name = resolve_name(args.dataset)
         try:
-            name = resolve_name(args.dataset)
             print(summary(name, convert(name, args.src, **options), args.dst / name))
         except DatasetError as error:
             print(f"make_dataset: {error}", file=sys.stderr)
-            return 2 if isinstance(error, UnknownDatasetError) else 1
+            return 1
         return 0
 
     if not args.src_root.is_dir():
@@ -135,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     converted, failed = 0, 0
     for name in CONVERTERS:
-        src = _find_folder(args.src_root, name)
+        src = find_dir(args.src_root, name)
         if src is None:
             print(f"{name}: skipped, {args.src_root / name} not found")
             continue

@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.converters import mvtec, visa  # noqa: E402
-from dataset.converters.common import DatasetError, list_dirs, list_files, require_dir  # noqa: E402
+from dataset.converters.common import (DatasetError, find_dir, list_dirs, list_files,  # noqa: E402
+                                       require_dir)
 
 DEFAULT_DATA_ROOT = Path("dataset") / "mvisa" / "data"
 FIXED_CLASSES = {mvtec.NAME: mvtec.CLASSES, visa.NAME: visa.CLASSES}
@@ -36,15 +37,13 @@ PHASES = ("train", "test")
 
 
 def _dataset_dir(data_root: Path, name: str) -> Path:
-    """`data_root/name`, or the one folder matching `name` case-insensitively."""
+    """The dataset folder `name` under `data_root`, matched case-insensitively."""
     require_dir(data_root, "pass --data_root pointing at the output of make_dataset.py")
-    if (data_root / name).is_dir():
-        return data_root / name
-    matches = [d for d in list_dirs(data_root) if d.lower() == name.lower()]
-    if len(matches) != 1:
+    folder = find_dir(data_root, name)
+    if folder is None:
         raise DatasetError(f"Folder {data_root / name} not found: run dataset/make_dataset.py "
                            f"--dataset {name} first, or pass the right --data_root.")
-    return data_root / matches[0]
+    return folder
 
 
 def class_names(root: Path) -> List[str]:

@@ -521,7 +521,9 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_main_error_lines(tmp_path, capsys):
-    assert main(["--dataset", "foo", "--src", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["--dataset", "foo"])
+    assert exited.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Unknown dataset 'foo'" in err[0] and "TN3K" in err[0]
     assert main(["--dataset", "ISIC", "--src", str(tmp_path / "missing"), "--dst", str(tmp_path)]) == 1

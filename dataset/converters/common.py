@@ -77,6 +77,14 @@ def list_files(folder: Path, pattern: Optional[str] = None) -> List[Path]:
     return [folder / n for n in sorted(names)]
 
 
+def find_dir(root: Path, name: str) -> Optional[Path]:
+    """`root/name`, or else the one sub-folder whose name matches `name` case-insensitively."""
+    if (root / name).is_dir():
+        return root / name
+    matches = [d for d in list_dirs(root) if d.lower() == name.lower()]
+    return root / matches[0] if len(matches) == 1 else None
+
+
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"Folder {path} not found: {what}.")
