@@ -47,7 +47,6 @@ OBJECTS = ("pill", "bolt", "ring")
 CATEGORIES = TEXTURES + OBJECTS
 TEXTURE_DEFECTS = ("crack", "hole", "scratch", "stain")
 OBJECT_DEFECTS = ("crack", "hole", "missing", "scratch")
-ALL_DEFECTS = ("crack", "hole", "missing", "scratch", "stain")
 # Accepted defect area as a fraction of the image.
 MIN_AREA = 0.004
 MAX_AREA = 0.05
@@ -116,6 +115,12 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
 
 
+def _inner(region: np.ndarray, radius: int) -> np.ndarray:
+    """``region`` eroded by ``radius`` pixels, or ``region`` itself when nothing would remain."""
+    eroded = _erode(region, radius)
+    return eroded if eroded.any() else region
+
+
 def _random_point(rng: np.random.Generator, region: np.ndarray) -> tuple[int, int]:
     """(x, y) of a random pixel of the boolean ``region``."""
     ys, xs = np.nonzero(region)
@@ -168,7 +173,7 @@ def _mesh(rng, size):
     dv = np.abs((v / period) % 1.0 - 0.5) * period
     wire = np.clip(half_width + 1.0 - np.minimum(du, dv), 0, 1)
     shade = 0.85 + 0.15 * _smooth_noise(rng, size, size / 4)
-    image = _lerp(_palette(rng, (38, 42, 48)), _palette(rng, (175, 180, 185)) * 1.0, wire * shade)
+    image = _lerp(_palette(rng, (38, 42, 48)), _palette(rng, (175, 180, 185)), wire * shade)
     return image, None, _texture_region(size)
 
 
@@ -287,7 +292,7 @@ def _contrast_tone(rng, image: np.ndarray, where: np.ndarray, threshold: float) 
 
 def _hole(rng, image, background, region, size):
     radius = size * rng.uniform(0.045, 0.075)
-    cx, cy = _random_point(rng, _erode(region, int(radius * 0.6)) if region.sum() > 50 else region)
+    cx, cy = _random_point(rng, _inner(region, int(radius * 0.6)))
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     distance = np.hypot(xs - cx, ys - cy) / radius
     mask = distance <= 1.0
@@ -474,7 +479,8 @@ def _iter_class(category: str, seed: int, size: int, n_train: int, n_test_good: 
 def _write(path: str, image: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    if not cv2.imwrite(path, data):
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 6] if path.endswith(".png") else []
+    if not cv2.imwrite(path, data, params):
         raise OSError(f"Cannot write {path}; check that the folder is writable.")
 
 
@@ -622,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = _check_classes(args.classes)
     total = len(classes) * (args.n_train + args.n_test_good + args.n_test_anomaly)
     print(f"Wrote {total} images of {len(classes)} classes ({', '.join(classes)}) to {where} "
-          f"in {time.perf_counter() - start:.1f} s.")
+          f"in {time.perf_counter() - start:.2f} s.")
     return 0
 
 
