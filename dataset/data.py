@@ -250,7 +250,7 @@ def meta_path(root: str, dataset_name: str) -> str:
 
 
 def load_meta(root: str, dataset_name: str) -> dict:
-    """Read ``<root>/meta_<dataset_name>.json`` with clear errors when it is missing or malformed."""
+    """Read ``<root>/meta_<dataset_name>.json``; clear errors when it is missing or malformed."""
     path = meta_path(root, dataset_name)
     if not os.path.isfile(path):
         raise DatasetError(
@@ -329,7 +329,8 @@ class AnomalyDataset(Dataset):
         else:
             self.augmentation = JointAugment() if augment else None
         if mosaic_prob is None:
-            mosaic_prob = MVTEC_MOSAIC_PROB if (mode == "train" and dataset_name == "mvtec") else 0.0
+            mvtec_training = mode == "train" and dataset_name == "mvtec"
+            mosaic_prob = MVTEC_MOSAIC_PROB if mvtec_training else 0.0
         if not 0.0 <= float(mosaic_prob) <= 1.0:
             raise ValueError(f"mosaic_prob must be in [0, 1], got {mosaic_prob}.")
         self.mosaic_prob = float(mosaic_prob)
@@ -477,7 +478,8 @@ class AnomalyDataset(Dataset):
             img_path = "|".join(self.samples[i]["img_path"] for i in chosen)
         else:
             image, mask = self.load_arrays(index)
-            label, specie_name, img_path = sample["label"], sample["specie_name"], sample["img_path"]
+            label, specie_name = sample["label"], sample["specie_name"]
+            img_path = sample["img_path"]
         if self.augmentation is not None:
             image, mask = self.augmentation(image, mask)
         return {

@@ -455,7 +455,8 @@ def _check_classes(classes: Sequence[str] | None) -> list[str]:
 
 
 def _iter_class(category: str, seed: int, size: int, n_train: int, n_test_good: int,
-                n_test_anomaly: int) -> Iterator[tuple[str, str, int, np.ndarray, np.ndarray | None]]:
+                n_test_anomaly: int
+                ) -> Iterator[tuple[str, str, int, np.ndarray, np.ndarray | None]]:
     """(phase, specie, index, image RGB uint8, mask bool or None) in converter order.
 
     Train first, then the test sub-folders in sorted name order, indices ascending.
@@ -603,7 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n_test_anomaly", type=int, default=12,
                         help="test anomalous images per class")
     parser.add_argument("--standard", action="store_true",
-                        help="write the standard layout <out>/<name>/... and <out>/meta_<name>.json")
+                        help="write the standard layout <out>/<name>/... and "
+                             "<out>/meta_<name>.json")
     parser.add_argument("--name", default="synthetic",
                         help="dataset name (and file prefix) for --standard")
     parser.add_argument("--overwrite", action="store_true",

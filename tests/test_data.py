@@ -1,4 +1,4 @@
-"""Tests of dataset/data.py: preprocessing, labels and masks, augmentation, mosaic, errors, loaders."""
+"""Tests of dataset/data.py: preprocessing, labels, masks, augmentation, mosaic, errors, loaders."""
 
 import json
 import os
