@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from utils.misc import autocast
 
 from .bayes_pfl import BayesPFL, FlowSamples
 
@@ -42,6 +43,84 @@ class AnomalyDetector:
         self.map_chunk = map_chunk
         self._states: tuple[FlowSamples, FlowSamples] | None = None
 
+    # --------------------------------------------------------------------------------------
+    # Convenience API for notebooks and predict.py
+
+    @classmethod
+    def from_files(cls, clip_path: str, checkpoint_path: str, image_size: int = 518,
+                    device: str | torch.device | None = None, sample_num: int = 10,
+                    stage: int | None = None, layers: Sequence[int] = (6, 12, 18, 24),
+                    prompt_num: int = 3, prompt_context_len: int = 5, prompt_state_len: int = 5,
+                    num_flows: int = 10, activation: str = "gelu", precision: str = "fp32",
+                    verify: bool = True) -> "AnomalyDetector":
+        """Load OpenAI's CLIP file and a Bayes-PFL checkpoint and build a detector.
+
+        ``device`` None: CUDA when available, else CPU. ``stage`` None: read from the file name
+        (``epoch_post_{e}_{stage}.pth``), else 2."""
+        from utils.checkpoint import load_checkpoint, stage_from_filename
+
+        from .clip import load_clip
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        clip = load_clip(clip_path, image_size=image_size, device=device, activation=activation,
+                         verify=verify)
+        model = BayesPFL.from_clip(clip, prompt_num=prompt_num,
+                                   prompt_context_len=prompt_context_len,
+                                   prompt_state_len=prompt_state_len, num_flows=num_flows,
+                                   layers=layers)
+        load_checkpoint(model, checkpoint_path)
+        model.eval()
+        if stage is None:
+            stage = stage_from_filename(checkpoint_path)
+        return cls(clip, model, image_size=image_size, sample_num=sample_num, stage=stage,
+                   layers=layers, precision=precision)
+
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image (any mode), a path or a numpy array -> preprocessed tensor [3, S, S]
+        (bicubic resize, CLIP normalisation, as in evaluation)."""
+        from dataset.data import preprocess_image
+        from utils.images import to_rgb
+
+        return preprocess_image(to_rgb(image), self.image_size)
+
+
+    def predict_images(self, images: Sequence, class_name: str | Sequence[str],
+                        batch_size: int = 8, smooth_sigma: float = 8.0) -> list[dict]:
+        """Score images (PIL, paths or arrays) of one class (or one class name each).
+
+        Returns one dict per image: ``text_score`` (mean abnormal probability of the prompt
+        pairs), ``map_score`` (mean of the top-k map values, k = 20 or 2000 as the official
+        protocol), ``score`` = the mean of the two (both in [0, 1]; the official per-class min-max
+        needs a whole test set, so it is not applied here), ``anomaly_map`` float32 [H, W] at the
+        image's original size (smoothed with a Gaussian of ``smooth_sigma`` at S x S, then
+        resized bilinearly)."""
+        from utils.images import to_rgb
+        from utils.protocol import gaussian_smooth, topk_for_class
+
+        names = [class_name] * len(images) if isinstance(class_name, str) else list(class_name)
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} class names for {len(images)} images")
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = [to_rgb(im) for im in images[start:start + batch_size]]
+            batch = torch.stack([self.preprocess(im) for im in chunk])
+            chunk_names = names[start:start + batch_size]
+            out = self.predict(batch, chunk_names)
+            maps = out["anomaly_map"].float()
+            smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
+            for i, im in enumerate(chunk):
+                k = min(topk_for_class(chunk_names[i]), maps[i].numel())
+                map_score = float(maps[i].flatten().topk(k).values.mean())
+                text_score = float(out["image_score"][i])
+                full = F.interpolate(smoothed[i][None, None], size=(im.height, im.width),
+                                     mode="bilinear", align_corners=False)[0, 0]
+                results.append({"text_score": text_score, "map_score": map_score,
+                                "score": 0.5 * (text_score + map_score),
+                                "anomaly_map": full.cpu().numpy()})
+        return results
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -51,10 +130,7 @@ class AnomalyDetector:
         self._states = None
 
     def _autocast(self):
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _draw_noise(self, batch: int, dim: int) -> dict[str, torch.Tensor]:
         """Standard-normal draws in the official order, one image after the other."""

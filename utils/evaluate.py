@@ -1,0 +1,158 @@
+"""Zero-shot evaluation of one dataset: inference class by class, the per-class protocol,
+pictures and result files. ``test.py`` and the demo call this."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.protocol import CLASSIFICATION_ONLY, evaluate_class, gaussian_smooth, summarise
+
+COLUMNS = ["auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "auroc_sp", "ap_sp", "f1_sp",
+           "threshold"]
+
+
+@dataclass
+class ClassOutputs:
+    """Everything inference produced for the test images of one class."""
+    name: str
+    labels: np.ndarray            # [n] int
+    masks: np.ndarray             # [n, S, S] bool
+    text_scores: np.ndarray       # [n]
+    maps: np.ndarray              # [n, S, S] float32, unsmoothed
+    paths: list[str] = field(default_factory=list)
+    species: list[str] = field(default_factory=list)
+
+
+def iterate_classes(detector, loader, progress: bool = True) -> Iterator[ClassOutputs]:
+    """Run the detector over a loader whose samples come class after class (as
+    ``AnomalyDataset`` orders them) and yield each class's outputs once it is complete."""
+    current: dict | None = None
+    bar = tqdm(total=len(loader.dataset), desc="test", unit="img", disable=not progress,
+               dynamic_ncols=True)
+
+    def finish(c: dict) -> ClassOutputs:
+        return ClassOutputs(
+            name=c["name"], labels=np.asarray(c["labels"], dtype=np.int64),
+            masks=np.concatenate(c["masks"]), text_scores=np.concatenate(c["scores"]),
+            maps=np.concatenate(c["maps"]), paths=c["paths"], species=c["species"])
+
+    for batch in loader:
+        names = batch["cls_name"]
+        out = detector.predict(batch["image"], names)
+        scores = out["image_score"].float().cpu().numpy()
+        maps = out["anomaly_map"].float().cpu().numpy()
+        masks = (batch["mask"][:, 0] > 0.5).numpy()
+        for i, name in enumerate(names):
+            if current is None or current["name"] != name:
+                if current is not None:
+                    yield finish(current)
+                current = {"name": name, "labels": [], "masks": [], "scores": [], "maps": [],
+                           "paths": [], "species": []}
+            current["labels"].append(int(batch["label"][i]))
+            current["masks"].append(masks[i:i + 1])
+            current["scores"].append(scores[i:i + 1])
+            current["maps"].append(maps[i:i + 1])
+            current["paths"].append(batch["img_path"][i])
+            current["species"].append(batch["specie_name"][i])
+        bar.update(len(names))
+    bar.close()
+    if current is not None:
+        yield finish(current)
+
+
+class PictureWriter:
+    """Writes the four-panel pictures of a class in a background thread, so that inference
+    of the next class goes on meanwhile."""
+
+    def __init__(self, out_dir: str, image_size: int):
+        self.out_dir = out_dir
+        self.image_size = image_size
+        self._jobs: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, outputs: ClassOutputs, smoothed: np.ndarray, threshold: float | None
+               ) -> None:
+        self._jobs.put((outputs, smoothed, threshold))
+
+    def _run(self) -> None:
+        from utils.visualize import four_panel, read_rgb, save_rgb
+
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            outputs, smoothed, threshold = job
+            try:
+                lo, hi = float(smoothed.min()), float(smoothed.max())
+                for i, path in enumerate(outputs.paths):
+                    image = read_rgb(path, self.image_size)
+                    panel = four_panel(image, smoothed[i], outputs.masks[i], threshold, lo, hi)
+                    stem = os.path.splitext(os.path.basename(path))[0]
+                    save_rgb(os.path.join(self.out_dir, outputs.name, outputs.species[i],
+                                          stem + ".png"), panel)
+            except BaseException as e:  # noqa: BLE001 - reported by close()
+                self._error = e
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
+                     vis_dir: str | None = None, progress: bool = True,
+                     logger: logging.Logger | None = None,
+                     on_class: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Per-class metrics of one dataset (SPEC §7). Pictures go to ``vis_dir`` when given."""
+    rows: dict[str, dict] = {}
+    writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
+    try:
+        for outputs in iterate_classes(detector, loader, progress):
+            metrics = evaluate_class(
+                outputs.labels, None if dataset_name in CLASSIFICATION_ONLY else outputs.masks,
+                outputs.text_scores, outputs.maps, outputs.name, dataset_name, pro=pro)
+            row = {k: metrics.get(k) for k in COLUMNS}
+            rows[outputs.name] = row
+            if logger:
+                logger.info("%s: %s", outputs.name, ", ".join(
+                    f"{k} {v:.4f}" for k, v in row.items() if v is not None))
+            if on_class:
+                on_class(outputs.name, row)
+            if writer:
+                smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
+                writer.submit(outputs, smoothed, row.get("threshold"))
+    finally:
+        if writer:
+            writer.close()
+    return rows
+
+
+def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
+                  settings: dict | None = None) -> tuple[str, dict]:
+    """Table (returned), ``results_<dataset>.csv`` and ``results_<dataset>.json``."""
+    table, mean_row = summarise(rows)
+    os.makedirs(save_path, exist_ok=True)
+    with open(os.path.join(save_path, f"results_{dataset_name}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class"] + COLUMNS)
+        for name, row in list(rows.items()) + [("mean", mean_row)]:
+            w.writerow([name] + ["" if row.get(k) is None else f"{row[k]:.6f}" for k in COLUMNS])
+    with open(os.path.join(save_path, f"results_{dataset_name}.json"), "w") as f:
+        json.dump({"dataset": dataset_name, "classes": rows, "mean": mean_row,
+                   "settings": settings or {}}, f, indent=2)
+        f.write("\n")
+    return table, mean_row

@@ -1,0 +1,76 @@
+"""Pictures of anomaly maps: heat-map overlays and the four-panel test figure."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+
+def read_rgb(path: str, size: int | None = None) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3], optionally resized to size x size."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image '{path}'")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if size is not None and image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+    return image
+
+
+def heat_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5,
+                 vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """RGB uint8 image [H, W, 3] with a jet heat map of ``amap`` [h, w] blended on top.
+
+    The map is scaled to [0, 1] with ``vmin``/``vmax`` (default: its own range) and resized
+    to the image when the sizes differ."""
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.shape != image.shape[:2]:
+        amap = cv2.resize(amap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    lo = float(amap.min()) if vmin is None else vmin
+    hi = float(amap.max()) if vmax is None else vmax
+    norm = np.clip((amap - lo) / (hi - lo + 1e-8), 0, 1)
+    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    return (alpha * heat + (1 - alpha) * image).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0),
+                 alpha: float = 0.5) -> np.ndarray:
+    """Binary mask painted in ``colour`` over the image."""
+    out = image.copy()
+    sel = np.asarray(mask) > 0
+    out[sel] = (alpha * np.array(colour) + (1 - alpha) * out[sel]).astype(np.uint8)
+    return out
+
+
+def draw_contour(image: np.ndarray, mask: np.ndarray, colour=(0, 255, 0),
+                 thickness: int = 1) -> np.ndarray:
+    out = np.ascontiguousarray(image.copy())
+    contours, _ = cv2.findContours((np.asarray(mask) > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, colour, thickness)
+    return out
+
+
+def four_panel(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
+               threshold: float | None, vmin: float, vmax: float) -> np.ndarray:
+    """original | heat map | heat map cut at the threshold with the ground-truth contour |
+    ground truth, side by side (RGB uint8)."""
+    heat = heat_overlay(image, amap, vmin=vmin, vmax=vmax)
+    gt = np.zeros(image.shape[:2], np.uint8) if mask is None else (np.asarray(mask) > 0)
+    if threshold is None:
+        cut = heat.copy()
+    else:
+        cut = image.copy()
+        sel = amap >= threshold
+        cut[sel] = heat[sel]
+    cut = draw_contour(cut, gt)
+    return np.concatenate([image, heat, cut, mask_overlay(image, gt)], axis=1)
+
+
+def save_rgb(path: str, image: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write '{path}'")
