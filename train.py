@@ -1,0 +1,130 @@
+"""Train Bayes-PFL on an auxiliary dataset (official protocol; see utils/training.py).
+
+    python train.py --dataset visa --save_path ./my_exps/train_visa --seed 333
+    torchrun --nproc_per_node 2 train.py --dataset visa ...     # DistributedDataParallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+from dataset.data import DatasetError
+from models import WeightsError
+from utils import distributed as dist_utils
+from utils.misc import setup_logging
+from utils.training import OFFICIAL_VALIDATION, TrainConfig, TrainingError, train
+
+IGNORED = "accepted for compatibility with the official scripts and ignored"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    official = "; ".join(f"training on {k}: {v[0]} {' '.join(v[1])}"
+                         for k, v in OFFICIAL_VALIDATION.items())
+    p = argparse.ArgumentParser(
+        description="Train Bayes-PFL (two stages, validated after every epoch). Writes "
+                    "epoch_post_{epoch}_{stage}.pth (epochs from 1), best.pth, last.pth "
+                    "(resumable) and train.log into --save_path. Several GPUs: torchrun "
+                    "--nproc_per_node N train.py ... (DistributedDataParallel).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default=d.dataset, help="auxiliary training dataset (its test split)")
+    a("--train_data_path", default=d.train_data_path,
+      help="folder holding meta_<dataset>.json and the dataset folder")
+    a("--val_data_path", default=d.val_data_path, help="same, for the validation dataset")
+    a("--save_path", default=d.save_path, help="output folder")
+    a("--pretrained_path", default=d.pretrained_path, help="CLIP weights (OpenAI archive)")
+    a("--prompt_context_len", type=int, default=d.prompt_context_len)
+    a("--prompt_num", type=int, default=d.prompt_num, help="prompt bank size")
+    a("--prompt_state_len", type=int, default=d.prompt_state_len)
+    a("--learning_rate", type=float, default=d.learning_rate,
+      help="stage 1: parameters outside the prompt, temperature and PFL groups")
+    a("--learning_rate_PFL", type=float, default=d.learning_rate_PFL,
+      help="stage 1: names with PFL but neither encoder nor decoder")
+    a("--learning_rate_prompt", type=float, default=d.learning_rate_prompt,
+      help="stage 1: the prompt bank")
+    a("--learning_rate_linear", type=float, default=d.learning_rate_linear,
+      help="stage 2: class_mapping, image_mapping, fuse (no schedule)")
+    a("--temperature_lr", type=float, default=d.temperature_lr,
+      help="stage 1: temperature_pixel and temperature_image")
+    a("--features_list", type=int, nargs="+", default=d.features_list,
+      help="1-based CLIP vision blocks whose tokens are used")
+    a("--image_size", type=int, default=d.image_size)
+    a("--batch_size", type=int, default=d.batch_size,
+      help="per process: with torchrun the effective batch is nproc_per_node x batch_size")
+    a("--epochs", type=int, default=d.epochs, help="at most this many epochs (both stages)")
+    a("--sample_num", type=int, default=d.sample_num, help="Monte Carlo samples in validation")
+    a("--num_flows", type=int, default=d.num_flows)
+    a("--seed", type=int, default=d.seed)
+    a("--print_freq", type=int, default=d.print_freq,
+      help="steps between updates of the running losses on the progress bar")
+    a("--save_freq", type=int, default=d.save_freq,
+      help="write epoch_post_{epoch}_{stage}.pth every this many epochs")
+    a("--device_id", type=int, default=None,
+      help="CUDA index used with --device cuda (torchrun uses LOCAL_RANK instead)")
+    for flag in ("--config_path", "--model", "--pretrained", "--alpha"):
+        a(flag, default=None, help=IGNORED)
+    # Additions to the official flags.
+    a("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    a("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
+    a("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
+      help="autocast around the frozen CLIP and the module (fp16 on CUDA uses a GradScaler)")
+    a("--activation", choices=("gelu", "quick_gelu"), default=d.activation,
+      help="CLIP MLP activation (the official code and checkpoints use exact GELU)")
+    a("--resume", nargs="?", const="", default=None, metavar="PATH",
+      help="continue a run from its resumable state (default PATH: <save_path>/last.pth)")
+    a("--val_dataset", default=None,
+      help=f"validation dataset. Default, the official cross-dataset choice ({official}); "
+           "it selects on target-domain data. Leakage-free alternative: --val_dataset equal to "
+           "--dataset with --val_classes A B ..., which removes those classes from the "
+           "training data and validates on them")
+    a("--val_classes", nargs="+", default=None,
+      help="validation classes (default: the official 5, or all classes of --val_dataset)")
+    a("--val_batch_size", type=int, default=d.val_batch_size,
+      help="validation batch (the Monte Carlo samples, hence the figures, do not depend on it)")
+    a("--patience", type=int, default=d.patience,
+      help="epochs without improvement before switching stage / stopping (official 3)")
+    a("--stop_after", type=int, default=None,
+      help="stop after this epoch, resumably (e.g. for time-limited jobs)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f for f in TrainConfig.__dataclass_fields__}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if values["resume"] == "":
+        values["resume"] = os.path.join(args.save_path, "last.pth")
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    main_process = dist_utils.env_info().is_main
+    setup_logging(None, level=logging.INFO if main_process else logging.WARNING)
+    try:
+        config = config_from_args(args)
+        result = train(config, progress=tqdm if main_process else None)
+    except (WeightsError, DatasetError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {os.path.join(args.save_path, 'last.pth')} holds the last finished "
+              f"epoch (continue with --resume)", file=sys.stderr)
+        return 130
+    finally:
+        dist_utils.cleanup()
+    if main_process:
+        logging.getLogger("bayes_pfl").info(
+            f"done after {result.epochs_run} epochs: best pixel AP {result.best_pixel_ap:.4f} "
+            f"(stage 1), best image AP {result.best_image_ap:.4f} (stage 2); best: "
+            f"{result.best_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
