@@ -266,6 +266,15 @@ def summary_table(rows: Sequence[dict]) -> str:
 # The run
 
 
+def why_no_images(spec: str) -> str:
+    """Why an --input value named no image, in a few words."""
+    if os.path.isdir(spec):
+        return "the folder holds no image file"
+    if glob.has_magic(spec):
+        return "the pattern matches no image file"
+    return "no such file or folder"
+
+
 class InputError(ValueError):
     """The inputs name no image (or the calibration folder holds none)."""
 
@@ -320,13 +329,16 @@ def run(args) -> dict:
     from utils.misc import set_seed
 
     exclude = [args.out]
-    items = group_by_class(collect_images(
-        args.input, args.class_name, exclude,
-        on_unmatched=lambda s: warn(f"'{s}' is no file, folder or pattern matching images")))
+    unmatched: list[str] = []
+    items = group_by_class(collect_images(args.input, args.class_name, exclude,
+                                          on_unmatched=unmatched.append))
+    reasons = "; ".join(f"'{s}': {why_no_images(s)}" for s in unmatched)
     if not items:
-        raise InputError(f"no images found in {', '.join(repr(s) for s in args.input)}: give "
-                         f"image files ({', '.join(IMAGE_EXTENSIONS)}), folders holding them "
-                         "or glob patterns")
+        raise InputError(f"no images found ({reasons}): give image files "
+                         f"({', '.join(IMAGE_EXTENSIONS)}), folders holding them or glob "
+                         "patterns")
+    for spec in unmatched:
+        warn(f"no images in '{spec}': {why_no_images(spec)}")
     calib_items = []
     if args.calibrate is not None:
         calib_items = group_by_class(collect_images([args.calibrate], args.class_name, exclude))
