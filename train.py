@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="validation batch (the Monte Carlo samples, hence the figures, do not depend on it)")
     a("--patience", type=int, default=d.patience,
       help="epochs without improvement before switching stage / stopping (official 3)")
+    a("--no_verify", action="store_true",
+      help="skip the SHA-256 check of OpenAI-named CLIP files")
     a("--stop_after", type=int, default=None,
       help="stop after this epoch, resumably (e.g. for time-limited jobs)")
     return p
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in names}
+    values["verify_weights"] = not args.no_verify
     if values["resume"] == "":
         values["resume"] = os.path.join(args.save_path, "last.pth")
     return TrainConfig(**values)

@@ -709,8 +709,8 @@ class Trainer:
         self.checkpoints: list[str] = []
         self.best_path: str | None = None
         self._enter_stage(1)
-        if cfg.resume:
-            self._resume(cfg.resume)
+        # read now, so that a bad file is reported before training starts; applied by run()
+        self._resume_state = read_resume_state(cfg.resume) if cfg.resume else None
 
     def _enter_stage(self, stage: int) -> None:
         """Trainable parameters, optimiser, schedule (stage 1 only) and DDP wrapper of a stage."""
@@ -726,8 +726,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.step_module, device_ids=ids,
                                                broadcast_buffers=False)
 
-    def _resume(self, path: str) -> None:
-        state = read_resume_state(path)
+    def _resume(self, path: str, state: dict) -> None:
         saved = state["config"]
         differs = {k: (saved.get(k), v) for k, v in self.config.to_dict().items()
                    if k not in ("resume", "stop_after", "device", "device_id", "num_workers",
@@ -843,16 +842,19 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.config
-        self._open_log()
         try:
+            self.setup()            # data, weights, model: problems surface before any output
+            self._open_log()
             self.info("arguments: " + json.dumps(cfg.to_dict(), sort_keys=True))
-            self.setup()
             self.info(f"training {self.plan.train_dataset} classes "
                       f"{self.plan.train_classes or 'all'}; validating on {self.plan.val_dataset} "
                       f"{self.plan.val_classes or 'all'}"
                       + (" (held out of training)" if self.plan.held_out else "")
                       + f"; {self.dist.world_size} process(es) x batch {cfg.batch_size}, "
                       f"{self.steps_per_epoch} steps per epoch, device {self.device}")
+            if self._resume_state is not None:
+                self._resume(cfg.resume, self._resume_state)
+                self._resume_state = None
             return self._loop()
         finally:
             if hasattr(self, "model"):
