@@ -8,6 +8,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from utils import metrics
 from utils.metrics import (
     aupro,
     aupro_official,
@@ -134,11 +135,17 @@ def _aupro_brute(masks, maps, limit):
 
 def test_label_regions_eight_connected():
     masks, _ = _small_case()
-    labels, sizes = label_regions(masks)
+    region_of_pixel, sizes = label_regions(masks)
     expected = sum(ndimage.label(m, structure=EIGHT)[1] for m in masks)
-    assert sizes.size - 1 == expected == 8
-    assert sizes[0] == np.sum(~masks)
-    assert sizes[1:].sum() == masks.sum()
+    assert sizes.size == expected == 8
+    assert region_of_pixel.size == sizes.sum() == masks.sum()
+    assert np.array_equal(np.bincount(region_of_pixel), sizes)
+    # Pixel order: that of masks.reshape(-1).nonzero(); regions numbered image after image.
+    image_of_pixel = np.nonzero(masks.reshape(-1))[0] // (24 * 24)
+    regions_per_image = [set(region_of_pixel[image_of_pixel == i]) for i in range(5)]
+    assert regions_per_image == [{0, 1, 2}, {3}, {4, 5, 6}, set(), {7}]
+    first = np.nonzero(masks[0].reshape(-1))[0][0]  # row 2, column 3: region 0
+    assert region_of_pixel[0] == 0 and first == 2 * 24 + 3
 
 
 @pytest.mark.parametrize("limit", [0.3, 0.05, 0.5, 1.0])
@@ -148,6 +155,26 @@ def test_aupro_equals_brute_force(limit, decimals):
     if decimals is None:  # distinct scores
         maps = maps + np.random.default_rng(1).random(maps.shape) * 1e-3
     assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(_aupro_brute(masks, maps, limit), abs=1e-12)
+
+
+@pytest.mark.parametrize("buckets_log2", [0, 2, 6, 20])
+def test_aupro_any_bucket_size(monkeypatch, buckets_log2):
+    """From one bucket (all background pixels sorted) to many: the same area."""
+    masks, maps = _small_case(seed=3)
+    maps = maps + np.random.default_rng(2).random(maps.shape) * 1e-2 * (maps > 0.8)
+    expected = _aupro_brute(masks, maps, 0.3)
+    monkeypatch.setattr(metrics, "_MAX_BUCKETS_LOG2", buckets_log2)
+    assert aupro(masks, maps) == pytest.approx(expected, abs=1e-12)
+    assert aupro(masks, maps.astype(np.float32)) == pytest.approx(
+        _aupro_brute(masks, maps.astype(np.float32), 0.3), abs=1e-12
+    )
+
+
+def test_aupro_negative_scores():
+    masks, maps = _small_case(seed=4)
+    maps = maps - 1.0  # negative, zero and positive scores
+    assert aupro(masks, maps) == pytest.approx(_aupro_brute(masks, maps, 0.3), abs=1e-12)
+    assert aupro(masks, -0.0 * maps) == pytest.approx(0.15, abs=1e-12)  # -0.0 equals 0.0
 
 
 def test_aupro_limit_between_points_and_torch_input():

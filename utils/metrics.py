@@ -60,6 +60,8 @@ def _require_both(ss: SortedScores, metric: str) -> None:
 
 def _distinct(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of an ascending array and the index where each run of equal values starts."""
+    if sorted_values.size == 0:
+        return sorted_values, np.zeros(0, dtype=np.int64)
     starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
     return sorted_values[starts], starts
 
@@ -157,102 +159,171 @@ def _stack(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         )
     if not np.issubdtype(s.dtype, np.floating):
         s = s.astype(np.float64)
-    return m, s
+    elif s.dtype.itemsize < 4:
+        s = s.astype(np.float32)
+    return m, np.ascontiguousarray(s)
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8-connected regions of each mask, numbered across the whole stack.
 
-    masks: bool [N, H, W]. Returns labels int32 [N, H, W] (0 = background, 1..R = regions) and
-    sizes int64 [R + 1] (sizes[0] = number of background pixels).
+    masks: bool [N, H, W]. Returns the region index (0..R-1) of every anomalous pixel, int64
+    [A] in the order of masks.reshape(-1).nonzero(), and the region sizes, int64 [R].
     """
-    labels = np.zeros(masks.shape, dtype=np.int32)
+    ids = []
     offset = 0
-    for i in np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1)):
-        count, lab = cv2.connectedComponents(masks[i].astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        lab[lab > 0] += offset
-        labels[i] = lab
+    for mask in masks:
+        if not mask.any():
+            continue
+        count, lab = cv2.connectedComponents(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        ids.append(lab[mask].astype(np.int64) + (offset - 1))
         offset += count - 1
-    sizes = np.bincount(labels.reshape(-1), minlength=offset + 1).astype(np.int64)
-    return labels, sizes
+    region_of_pixel = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    return region_of_pixel, np.bincount(region_of_pixel, minlength=offset).astype(np.int64)
 
 
-def _background_floor(scores: np.ndarray, background: np.ndarray, needed: int) -> float:
-    """A score v such that at least `needed` background pixels score >= v, and not many more.
+def _top_background(scores: np.ndarray, anomalous: np.ndarray, num_bg: int, needed: int):
+    """A floor score v with at least `needed` background pixels >= v (and not many more), and
+    the mask of the background pixels >= v.
 
-    A strided sample proposes v; a full count confirms it (the exact order statistic is the
-    fallback), so the result is always valid whatever the sample looks like.
+    A strided sample proposes v and a full count confirms it; the exact order statistic is the
+    fallback, so the result is valid whatever the sample looks like.
     """
-    num_bg = int(np.count_nonzero(background))
-    if needed >= num_bg:
-        return -math.inf
-    step = max(1, scores.size // 1_000_000)
-    sample = scores[::step][background[::step]]
-    if sample.size > 0:
+    if needed < num_bg:
+        step = max(1, scores.size // 400_000)
+        sample = scores[::step][~anomalous[::step]]
         # Rank in the sample expected to hold `needed` pixels above it, plus a safety margin.
         above = needed / num_bg * sample.size
-        above = int(above + 6.0 * math.sqrt(above + 1.0) + 0.01 * sample.size + 16)
+        above = int(above + 6.0 * math.sqrt(above + 1.0) + 0.005 * sample.size + 16)
         if above < sample.size:
-            v = np.partition(sample, sample.size - above)[sample.size - above]
-            if np.count_nonzero((scores >= v) & background) >= needed:
-                return float(v)
-    bg = scores[background]
-    return float(np.partition(bg, bg.size - needed)[bg.size - needed])
+            floor = np.partition(sample, sample.size - above)[sample.size - above]
+            top = np.greater_equal(scores, floor)
+            np.greater(top, anomalous, out=top)  # score >= floor and background
+            if np.count_nonzero(top) >= needed:
+                return floor, top
+        bg = scores[~anomalous]
+        floor = np.partition(bg, bg.size - needed)[bg.size - needed]
+    else:
+        floor = scores.dtype.type(-np.inf)
+    top = np.greater_equal(scores, floor)
+    return floor, np.greater(top, anomalous, out=top)
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """Signed integers of the floats' width whose order is that of the (non-NaN) float values."""
+    int_type = np.int32 if values.dtype.itemsize == 4 else np.int64
+    if values.size and values.min() > 0:
+        return values.view(int_type)  # positive floats order like their bit patterns
+    bits = (values + values.dtype.type(0)).view(int_type)  # + 0 turns -0.0 into +0.0
+    return np.where(bits < 0, bits ^ np.iinfo(int_type).max, bits)
+
+
+_MAX_BUCKETS_LOG2 = 22
 
 
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     """Exact area under the per-region-overlap curve up to `fpr_limit`, normalised to [0, 1].
 
-    masks: binary [N, H, W]; maps: scores [N, H, W]. Regions are the 8-connected components of
-    each mask. Every distinct score t is a threshold (a pixel is positive when score >= t):
-    FPR(t) = background pixels >= t / all background pixels, PRO(t) = mean over all regions of
-    the fraction of the region's pixels >= t. The curve starts at (0, 0), is cut at `fpr_limit`
-    by linear interpolation, and its trapezoidal area is divided by `fpr_limit`.
+    masks: binary [N, H, W]; maps: finite scores [N, H, W]. Regions are the 8-connected
+    components of each mask. Every distinct score t is a threshold (a pixel is positive when
+    score >= t): FPR(t) = background pixels >= t / all background pixels, PRO(t) = mean over all
+    regions of the fraction of the region's pixels >= t. The curve starts at (0, 0), is cut at
+    `fpr_limit` by linear interpolation, and its trapezoidal area is divided by `fpr_limit`.
 
-    The curve only moves right at distinct background scores b: between its points
-    (FPR(> b), PRO(> b)) and (FPR(>= b), PRO(>= b)) it is a straight segment, and between
-    consecutive distinct background scores it is vertical (region pixels only). So the area is
-    a sum over distinct background scores, with PRO read from the sorted region pixels by binary
-    search. Only the pixels scoring at or above the background score where FPR passes the limit
-    take part.
+    The curve only moves right at distinct background scores b, along the straight segment from
+    (FPR(> b), PRO(> b)) to (FPR(>= b), PRO(>= b)); between consecutive distinct background
+    scores it is vertical (region pixels only). The area is a sum over these segments, in any
+    order, and the limit falls in exactly one of them. Only pixels at or above the background
+    score where FPR passes the limit take part. Their scores are bucketed by their float bits
+    (order preserving); in a bucket without any region pixel PRO is constant, so its background
+    pixels form one flat segment and are only counted. The background scores of the other
+    buckets are sorted, and PRO at each is read from the sorted region scores.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}.")
     masks, maps = _stack(masks, maps)
-    labels, sizes = label_regions(masks)
-    num_regions = sizes.size - 1
-    num_bg = int(sizes[0])
+    region_of_pixel, sizes = label_regions(masks)  # [A], [R]
+    num_regions = sizes.size
     if num_regions == 0:
         raise ValueError("AUPRO is undefined without any anomalous pixel in the masks.")
+    scores = maps.reshape(-1)
+    anomalous = masks.reshape(-1)
+    num_bg = anomalous.size - int(sizes.sum())
     if num_bg == 0:
         raise ValueError("AUPRO is undefined without any normal pixel in the masks.")
 
-    scores = maps.reshape(-1) + maps.dtype.type(0)  # + 0 turns -0.0 into +0.0
-    labels = labels.reshape(-1)
-    background = labels == 0
     # Background pixels needed to pass the limit (+1 guards the float product).
     needed = min(num_bg, math.floor(fpr_limit * num_bg) + 2)
-    floor = _background_floor(scores, background, needed)
-    keep = scores >= floor
+    floor, top = _top_background(scores, anomalous, num_bg, needed)
+    bg = scores[top]  # [B], unsorted
+    region = scores[anomalous]
+    region_kept = region >= floor
+    region, region_id = region[region_kept], region_of_pixel[region_kept]  # [P]
 
-    bg = np.sort(scores[keep & background])  # [B] ascending
-    in_region = keep & ~background
-    region_scores = scores[in_region]
-    order = np.argsort(region_scores, kind="stable")
-    region_scores = region_scores[order]  # [P] ascending
-    region_weight = (1.0 / (num_regions * sizes))[labels[in_region][order]]
-    # weight_above[i] = sum of the weights of region_scores[i:]
-    weight_above = np.r_[np.cumsum(region_weight[::-1])[::-1], 0.0]
+    # Buckets of consecutive float values above the floor, from the order-preserving keys.
+    floor_key = int(_order_keys(np.array([floor]))[0])
+    top_key = max(int(_order_keys(x.max(keepdims=True))[0]) for x in (bg, region) if x.size)
+    span = top_key - floor_key
+    shift = max(0, span.bit_length() - _MAX_BUCKETS_LOG2)
+    num_buckets = (span >> shift) + 1
 
-    values, starts = _distinct(bg)
-    values, starts = values[::-1], starts[::-1]  # descending distinct background scores
-    fpr_hi = (bg.size - starts) / num_bg  # FPR(>= b)
-    fpr_lo = np.r_[0.0, fpr_hi[:-1]]  # FPR(> b)
-    pro_hi = weight_above[np.searchsorted(region_scores, values, side="left")]  # PRO(>= b)
-    pro_lo = weight_above[np.searchsorted(region_scores, values, side="right")]  # PRO(> b)
+    def bucket(keys: np.ndarray) -> np.ndarray:
+        if keys.dtype == np.int32:
+            out = np.subtract(keys, floor_key, dtype=np.int64)
+            return np.right_shift(out, shift, out=out)
+        # int64 keys: the wrapping difference read as unsigned is exact (the span is < 2**64).
+        return ((keys - np.int64(floor_key)).view(np.uint64) >> np.uint64(shift)).astype(np.intp)
 
-    cut = int(np.searchsorted(fpr_hi, fpr_limit, side="left"))  # first segment reaching the limit
-    area = float(np.sum((fpr_hi[:cut] - fpr_lo[:cut]) * (pro_hi[:cut] + pro_lo[:cut]))) / 2.0
+    bg_keys = _order_keys(bg)  # [B]
+    region_keys = _order_keys(region).astype(np.int64)  # [P]
+    if bg_keys.dtype == np.int32:  # float32 scores: sort keys and region ids as one 64-bit word
+        word = ((region_keys + 2**31).astype(np.uint64) << np.uint64(32)) | region_id.astype(np.uint64)
+        word = np.sort(word)
+        region_keys = (word >> np.uint64(32)).astype(np.int64) - 2**31
+        region_id = (word & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    else:
+        order = np.argsort(region_keys, kind="stable")
+        region_keys, region_id = region_keys[order], region_id[order]  # ascending scores
+    region_bucket = bucket(region_keys)  # [P], ascending
+    region_weight = (1.0 / (num_regions * sizes))[region_id]
+    # pro_from[i] = PRO(>= i-th lowest kept region score) = sum of region_weight[i:]
+    pro_from = np.r_[np.cumsum(region_weight[::-1])[::-1], 0.0]
+
+    bg_bucket = bucket(bg_keys)  # [B]
+    bg_count = np.bincount(bg_bucket, minlength=num_buckets)  # [num_buckets]
+    bg_above = bg.size - np.cumsum(bg_count)  # background pixels in higher buckets
+    mixed = np.zeros(num_buckets, dtype=bool)
+    mixed[region_bucket] = True
+
+    # Flat segments: buckets with background pixels and no region pixel.
+    flat = np.flatnonzero((bg_count > 0) & ~mixed)
+    flat_lo = bg_above[flat]  # background pixels above the segment
+    flat_hi = flat_lo + bg_count[flat]
+    region_mass = np.bincount(region_bucket, weights=region_weight, minlength=num_buckets)
+    pro_above = pro_from[0] - np.cumsum(region_mass)  # PRO of the higher buckets
+    flat_pro = pro_above[flat]
+
+    # Sharp segments: distinct background scores in buckets holding region pixels.
+    sharp = np.sort(bg[mixed[bg_bucket]])
+    values, starts = _distinct(sharp)
+    ends = np.r_[starts[1:], sharp.size]
+    sharp_bucket = bucket(_order_keys(sharp))
+    value_bucket = sharp_bucket[starts]
+    bucket_end = np.searchsorted(sharp_bucket, value_bucket, side="right")
+    # Background pixels above b: higher buckets, then the same bucket's higher scores.
+    sharp_lo = bg_above[value_bucket] + (bucket_end - ends)
+    sharp_hi = sharp_lo + (ends - starts)
+    value_keys = _order_keys(values).astype(np.int64)
+    sharp_pro_hi = pro_from[np.searchsorted(region_keys, value_keys, side="left")]  # PRO(>= b)
+    sharp_pro_lo = pro_from[np.searchsorted(region_keys, value_keys, side="right")]  # PRO(> b)
+
+    fpr_lo = np.r_[flat_lo, sharp_lo] / num_bg
+    fpr_hi = np.r_[flat_hi, sharp_hi] / num_bg
+    pro_lo = np.r_[flat_pro, sharp_pro_lo]
+    pro_hi = np.r_[flat_pro, sharp_pro_hi]
+    full = fpr_hi < fpr_limit
+    area = float(np.sum((fpr_hi - fpr_lo) * (pro_hi + pro_lo), where=full)) / 2.0
+    (cut,) = np.flatnonzero((fpr_lo < fpr_limit) & ~full)  # the segment holding the limit
     x0, x1, y0, y1 = fpr_lo[cut], fpr_hi[cut], pro_lo[cut], pro_hi[cut]
     y_cut = y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0)
     area += (fpr_limit - x0) * (y0 + y_cut) / 2.0
@@ -269,18 +340,17 @@ def aupro_official(masks, maps, max_step: int = 200, fpr_limit: float = 0.3) -> 
     (nan when fewer than two distinct FPRs remain).
     """
     masks, maps = _stack(masks, maps)
-    labels, sizes = label_regions(masks)
-    num_regions = sizes.size - 1
+    region_ids, sizes = label_regions(masks)
+    num_regions = sizes.size
     if num_regions == 0:
         raise ValueError("AUPRO is undefined without any anomalous pixel in the masks.")
-    if sizes[0] == 0:
+    anomalous = masks.reshape(-1)
+    num_bg = anomalous.size - int(sizes.sum())
+    if num_bg == 0:
         raise ValueError("AUPRO is undefined without any normal pixel in the masks.")
     scores = maps.reshape(-1)
-    labels = labels.reshape(-1)
-    background = labels == 0
-    bg_scores = scores[background]
-    region_scores = scores[~background]
-    region_ids = labels[~background] - 1
+    bg_scores = scores[~anomalous]
+    region_scores = scores[anomalous]
 
     min_th, max_th = scores.min(), scores.max()
     delta = (max_th - min_th) / max_step
@@ -289,8 +359,8 @@ def aupro_official(masks, maps, max_step: int = 200, fpr_limit: float = 0.3) -> 
     fprs = np.empty(thresholds.size)
     for i, t in enumerate(thresholds):
         covered = np.bincount(region_ids, weights=region_scores > t, minlength=num_regions)
-        pros[i] = np.mean(covered / sizes[1:])
-        fprs[i] = np.count_nonzero(bg_scores > t) / sizes[0]
+        pros[i] = np.mean(covered / sizes)
+        fprs[i] = np.count_nonzero(bg_scores > t) / num_bg
 
     kept = fprs < fpr_limit
     fprs, pros = fprs[kept], pros[kept]

@@ -1,0 +1,224 @@
+"""The per-class scoring protocol of the zero-shot evaluation (SPEC section 7).
+
+Per class: the anomaly maps are smoothed by a Gaussian (scipy semantics) for the pixel metrics;
+the image score fuses the min-max normalised text score with the min-max normalised mean of the
+top-k values of the unsmoothed map; classification-only datasets use the text score alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from utils.metrics import (
+    aupro,
+    aupro_official,
+    auroc_sorted,
+    average_precision_sorted,
+    f1_max_sorted,
+    iou,
+    sort_by_label,
+)
+
+TOPK_20_CLASSES = frozenset(
+    {"capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"}
+)
+CLASSIFICATION_ONLY = frozenset({"HeadCT", "BrainMRI", "Br35H"})
+
+PIXEL_METRICS = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "threshold")
+IMAGE_METRICS = ("auroc_sp", "ap_sp", "f1_sp")
+COLUMNS = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "auroc_sp", "ap_sp", "f1_sp", "threshold")
+PRO_MODES = ("exact", "official", "off")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian smoothing
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype=torch.float64) -> torch.Tensor:
+    """Normalised Gaussian taps [2r + 1] with r = int(truncate * sigma + 0.5) (scipy's radius)."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (taps / taps.sum()).to(dtype)
+
+
+def _reflect_index(n: int, radius: int) -> torch.Tensor:
+    """Source index of each position of a line of n padded by `radius` on both sides, with the
+    edge pixel repeated (d c b a | a b c d | d c b a), reflecting again as often as needed."""
+    i = torch.arange(-radius, n + radius) % (2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def gaussian_matrix(n: int, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """[n, n] float64 matrix of the 1D filter on a line of n with the reflected border folded in:
+    filtered line = matrix @ line."""
+    taps = gaussian_kernel1d(sigma, truncate)
+    radius = (taps.numel() - 1) // 2
+    source = _reflect_index(n, radius).unfold(0, taps.numel(), 1)  # [n, 2r + 1]
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    return matrix.scatter_add_(1, source, taps.expand(n, -1))
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float = 8.0, truncate: float = 4.0,
+                    chunk: int = 16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian filter of each map, equal to scipy.ndimage.gaussian_filter(map, sigma) (mode
+    'reflect', truncate 4) per image.
+
+    maps: [N, H, W] (or [H, W]) floating tensor on any device. Separable: the 1D filter along W
+    then along H, each as one matrix product with the border reflection folded into the matrix
+    (maps of any size, even smaller than the filter radius). Images go `chunk` at a time, so
+    temporaries stay small; `out` (which may be `maps` itself, to smooth in place) receives the
+    result.
+    """
+    if not torch.is_floating_point(maps):
+        raise TypeError(f"gaussian_smooth needs floating maps, got {maps.dtype}.")
+    if maps.dim() not in (2, 3):
+        raise ValueError(f"maps must be [N, H, W] or [H, W], got shape {tuple(maps.shape)}.")
+    if out is None:
+        out = torch.empty_like(maps)
+    if sigma <= 0:
+        return out.copy_(maps)
+    height, width = maps.shape[-2:]
+    along_h = gaussian_matrix(height, sigma, truncate).to(maps.device, maps.dtype)  # [H, H]
+    along_w = gaussian_matrix(width, sigma, truncate).T.to(maps.device, maps.dtype)  # [W, W]
+    if maps.dim() == 2:
+        return torch.matmul(along_h, maps @ along_w, out=out)
+    for start in range(0, maps.shape[0], chunk):
+        x = maps[start:start + chunk] @ along_w  # [n, H, W], rows filtered
+        torch.matmul(along_h, x, out=out[start:start + chunk])  # columns filtered
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Image scores
+
+
+def topk_for_class(name: str) -> int:
+    """k of the top-k map score: 20 for the classes with small defects, 2000 otherwise."""
+    return 20 if name in TOPK_20_CLASSES else 2000
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.min()) / (x.max() - x.min() + 1e-8)
+
+
+def fuse_image_scores(text_scores, maps, class_name: str) -> torch.Tensor:
+    """0.5 * minmax(text score) + 0.5 * minmax(mean of the k highest values of each map).
+
+    text_scores: [N]; maps: [N, H, W] unsmoothed (numpy or torch). The min-max runs over the N
+    images of the class. Returns float64 [N] on the maps' device.
+    """
+    maps = torch.as_tensor(maps)
+    text = torch.as_tensor(text_scores).to(device=maps.device, dtype=torch.float64).reshape(-1)
+    flat = maps.reshape(maps.shape[0], -1)  # [N, H*W]
+    k = min(topk_for_class(class_name), flat.shape[1])
+    map_scores = flat.topk(k, dim=1).values.to(torch.float64).mean(dim=1)  # [N]
+    return 0.5 * _minmax(text) + 0.5 * _minmax(map_scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# One class
+
+
+def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    if labels.all() or not labels.any():  # one kind of image only: not applicable
+        return dict.fromkeys(IMAGE_METRICS)
+    ss = sort_by_label(labels, scores)
+    return {"auroc_sp": auroc_sorted(ss), "ap_sp": average_precision_sorted(ss),
+            "f1_sp": f1_max_sorted(ss)[0]}
+
+
+def _pixel_metrics(masks: np.ndarray, smoothed: np.ndarray, pro: str) -> dict:
+    if masks.all() or not masks.any():  # no anomalous (or no normal) pixel: not applicable
+        return dict.fromkeys(PIXEL_METRICS)
+    ss = sort_by_label(masks, smoothed)  # one sort shared by AUROC, AP and F1-max
+    f1, threshold = f1_max_sorted(ss)
+    metrics = {"auroc_px": auroc_sorted(ss), "ap_px": average_precision_sorted(ss), "f1_px": f1}
+    del ss
+    if pro == "exact":
+        metrics["aupro_px"] = aupro(masks, smoothed)
+    elif pro == "official":
+        metrics["aupro_px"] = aupro_official(masks, smoothed)
+    else:
+        metrics["aupro_px"] = None
+    metrics["iou"] = iou(masks, smoothed >= threshold)
+    metrics["threshold"] = threshold
+    return {k: metrics[k] for k in PIXEL_METRICS}
+
+
+def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_name: str,
+                   pro: str = "exact", sigma: float = 8.0) -> dict:
+    """Metrics of one class (fractions in [0, 1]; None where not applicable).
+
+    labels [N] (1 = anomalous image), masks [N, H, W] binary or None, text_scores [N],
+    maps [N, H, W] unsmoothed; numpy arrays or torch tensors (the inputs are not modified).
+    pro: "exact" (utils.metrics.aupro), "official" (the paper's 200-threshold approximation) or
+    "off" (aupro_px None).
+
+    Pixel metrics on the smoothed maps: auroc_px, aupro_px, ap_px, f1_px (F1-max), iou (masks
+    against smoothed >= the F1-max threshold) and threshold. Image metrics on the fused score:
+    auroc_sp, ap_sp, f1_sp. Classification-only datasets: the text score alone is the image
+    score and the pixel metrics are None; so are the image metrics of a class whose images are
+    all anomalous (or all normal), and the pixel metrics of a class without anomalous pixels.
+
+    Besides the metrics the dict holds "image_scores" (float64 numpy [N], the scores the image
+    metrics used) and "smoothed_maps" (float32 numpy [N, H, W], or None when the maps were not
+    used).
+    """
+    if pro not in PRO_MODES:
+        raise ValueError(f"pro must be one of {PRO_MODES}, got {pro!r}.")
+    labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1).astype(bool)
+    text = torch.as_tensor(text_scores).detach().cpu().to(torch.float64).reshape(-1)
+    if text.numel() != labels.size:
+        raise ValueError(f"{labels.size} labels for {text.numel()} text scores in class {class_name}.")
+
+    pixel = dict.fromkeys(PIXEL_METRICS)
+    smoothed_np = None
+    if dataset_name in CLASSIFICATION_ONLY or maps is None:
+        image_scores = text
+    else:
+        maps_t = torch.as_tensor(maps).detach()
+        image_scores = fuse_image_scores(text, maps_t, class_name).cpu()
+        smoothed = gaussian_smooth(maps_t.float(), sigma).cpu()  # one new [N, H, W] array
+        smoothed_np = smoothed.numpy()
+        if masks is not None:
+            masks_np = np.asarray(torch.as_tensor(masks).cpu()).astype(bool, copy=False)
+            pixel = _pixel_metrics(masks_np, smoothed_np, pro)
+    image_scores = image_scores.numpy()
+
+    return {**pixel, **_image_metrics(labels, image_scores),
+            "image_scores": image_scores, "smoothed_maps": smoothed_np}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _cell(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}" if column == "threshold" else f"{100.0 * value:.1f}"
+
+
+def summarise(rows: dict) -> tuple[str, dict]:
+    """Table of the per-class metrics and their mean.
+
+    rows: class name -> metrics dict (as from evaluate_class; other keys ignored). Values are
+    shown in percent with one decimal, the threshold raw with four; None as "n/a". The last row,
+    "mean", averages the available values of each column. Returns (table text, mean row with
+    raw values, None where no class has the metric).
+    """
+    mean_row = {}
+    for column in COLUMNS:
+        values = [r.get(column) for r in rows.values()]
+        values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        mean_row[column] = float(np.mean(values)) if values else None
+    body = [[name] + [_cell(c, r.get(c)) for c in COLUMNS] for name, r in rows.items()]
+    body.append(["mean"] + [_cell(c, mean_row[c]) for c in COLUMNS])
+    table = tabulate(body, headers=["class", *COLUMNS], tablefmt="pipe", disable_numparse=True,
+                     colalign=("left",) + ("right",) * len(COLUMNS))
+    return table, mean_row
