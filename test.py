@@ -20,7 +20,7 @@ from dataset.data import AnomalyDataset, DatasetError, make_loader
 from models import AnomalyDetector, BayesPFL, WeightsError, load_clip
 from utils.checkpoint import load_checkpoint, stage_from_filename
 from utils.evaluate import evaluate_dataset, write_results
-from utils.misc import resolve_device, set_seed, setup_logging
+from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     settings["stage"] = stage
     table, _ = write_results(rows, args.save_path, args.dataset, settings)
     print(table)
-    logger.info("results of %s:\n%s", args.dataset, table)
+    log_to_files(logger, f"results of {args.dataset}:\n{table}")
     logger.info("done in %.1f s; results in %s", time.time() - start, args.save_path)
     return 0
 

@@ -64,3 +64,11 @@ def setup_logging(log_file: str | None = None, level: int = logging.INFO,
     models_log.setLevel(level)
     models_log.propagate = False
     return logger
+
+
+def log_to_files(logger: logging.Logger, message: str) -> None:
+    """Write ``message`` to the logger's files only (for text also printed to stdout)."""
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -1,0 +1,105 @@
+"""test.py end to end on the synthetic dataset with a tiny random CLIP and checkpoint."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("bayes_pfl_test_cli",
+                                                  os.path.join(ROOT, "test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from dataset.synthetic import write_standard
+
+    root = tmp_path_factory.mktemp("eval_data")
+    write_standard(str(root), name="synthetic", classes=["gravel", "pill", "wood"], size=48,
+                   n_train=1, n_test_good=2, n_test_anomaly=3)
+    return str(root)
+
+
+def _args(tiny_files, data_root, out, *extra):
+    clip_path, ckpt = tiny_files
+    return ["--dataset", "synthetic", "--data_path", data_root, "--checkpoint_path", ckpt,
+            "--pretrained_path", clip_path, "--image_size", "32", "--features_list", "1", "2",
+            "3", "4", "--sample_num", "2", "--seed", "333", "--num_workers", "0",
+            "--save_path", str(out), "--no_progress", *extra]
+
+
+def test_end_to_end_outputs_agree_and_batch_size_does_not_matter(tiny_files, data_root, tmp_path,
+                                                                  capsys):
+    cli = _load_cli()
+    assert cli.main(_args(tiny_files, data_root, tmp_path / "b1", "--batch_size", "1")) == 0
+    table = capsys.readouterr().out
+    assert cli.main(_args(tiny_files, data_root, tmp_path / "b4", "--batch_size", "4",
+                          "--no_vis")) == 0
+    for col in ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "auroc_sp", "ap_sp", "f1_sp",
+                "threshold"):
+        assert col in table
+    assert "mean" in table and "gravel" in table
+
+    res1 = json.loads((tmp_path / "b1" / "results_synthetic.json").read_text())
+    res4 = json.loads((tmp_path / "b4" / "results_synthetic.json").read_text())
+    assert set(res1["classes"]) == {"gravel", "pill", "wood"}
+    for cls, row in res1["classes"].items():
+        for k, v in row.items():
+            # maps agree to float rounding (~1e-7), which can swap a few pixel ranks
+            assert v == pytest.approx(res4["classes"][cls][k], abs=2e-5), (cls, k)
+    # CSV rows equal the JSON
+    with open(tmp_path / "b1" / "results_synthetic.csv") as f:
+        rows = {r["class"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"gravel", "pill", "wood", "mean"}
+    for cls, row in res1["classes"].items():
+        for k, v in row.items():
+            assert float(rows[cls][k]) == pytest.approx(v, abs=1e-6)
+    mean_auroc = np.mean([r["auroc_px"] for r in res1["classes"].values()])
+    assert float(rows["mean"]["auroc_px"]) == pytest.approx(mean_auroc, abs=1e-6)
+    # pictures: one per test image, four panels side by side
+    pics = sorted((tmp_path / "b1" / "imgs").rglob("*.png"))
+    assert len(pics) == 3 * 5
+    import cv2
+    img = cv2.imread(str(pics[0]))
+    assert img.shape == (32, 4 * 32, 3)
+    assert {p.parent.name for p in pics} == {"good", "anomaly"}
+    assert not (tmp_path / "b4" / "imgs").exists()
+    assert (tmp_path / "b1" / "test_synthetic.log").read_text().count("auroc_px") >= 1
+
+
+def test_official_pro_and_stage_from_name(tiny_files, data_root, tmp_path):
+    cli = _load_cli()
+    clip_path, ckpt = tiny_files
+    stage1 = tmp_path / "epoch_post_3_1.pth"
+    stage1.write_bytes(open(ckpt, "rb").read())
+    args = _args((clip_path, str(stage1)), data_root, tmp_path / "o", "--pro", "official",
+                 "--no_vis", "--classes", "pill")
+    assert cli.main(args) == 0
+    res = json.loads((tmp_path / "o" / "results_synthetic.json").read_text())
+    assert res["settings"]["stage"] == 1
+    assert list(res["classes"]) == ["pill"]
+    assert 0 <= res["classes"]["pill"]["aupro_px"] <= 1
+
+
+def test_missing_weights_and_data_are_one_line_errors(tiny_files, data_root, tmp_path):
+    clip_path, ckpt = tiny_files
+    cmd = [sys.executable, os.path.join(ROOT, "test.py"),
+           *_args((str(tmp_path / "ViT-L-14-336px.pt"), ckpt), data_root, tmp_path / "x")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    assert "ViT-L-14-336px.pt" in r.stderr and "download" in r.stderr
+    assert "Traceback" not in r.stderr
+    cli = _load_cli()
+    assert cli.main(_args(tiny_files, str(tmp_path / "nowhere"), tmp_path / "y")) == 1
