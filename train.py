@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "epoch_post_{epoch}_{stage}.pth (epochs from 1), best.pth, last.pth "
                     "(resumable) and train.log into --save_path. Several GPUs: torchrun "
                     "--nproc_per_node N train.py ... (DistributedDataParallel).",
+        epilog="Randomness: each epoch re-derives its seeds from (--seed, epoch, rank): data "
+               "order, augmentation, Monte Carlo draws, and the prompt of each step (drawn "
+               "uniformly from the bank with a torch.Generator, the same on every rank); "
+               "validation draws its samples from (--seed, epoch). --resume therefore continues "
+               "exactly as an uninterrupted run. Optimiser groups follow the official names as "
+               "model.named_parameters() lists them (each parameter once, shared encoder under "
+               "context_encoder/state_encoder: the 'rest' group).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default=d.dataset, help="auxiliary training dataset (its test split)")
@@ -122,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist_utils.cleanup()
     if main_process:
+        def figure(value):
+            return "-" if value is None else f"{value:.4f}"
+
         logging.getLogger("bayes_pfl").info(
-            f"done after {result.epochs_run} epochs: best pixel AP {result.best_pixel_ap:.4f} "
-            f"(stage 1), best image AP {result.best_image_ap:.4f} (stage 2); best: "
-            f"{result.best_path}")
+            f"done after {result.epochs_run} epochs: best pixel AP {figure(result.best_pixel_ap)}"
+            f" (stage 1), best image AP {figure(result.best_image_ap)} (stage 2); best "
+            f"parameters: {result.best_path}")
     return 0
 
 

@@ -155,8 +155,14 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    best_pixel_ap: float
-    best_image_ap: float
+    """Outcome of a run. ``best_pixel_ap`` / ``best_image_ap``: the best validation figures of
+    stage 1 / stage 2 (None when the stage saw no scorable epoch); ``best_epoch``: stage -> epoch
+    of that figure; ``history``: one record per epoch (losses, figures, per-class figures,
+    learning rates, decision); ``checkpoints``: the epoch_post files written; ``model``: the
+    module as training left it (the best stage-2 parameters after an early stop)."""
+
+    best_pixel_ap: float | None
+    best_image_ap: float | None
     best_epoch: dict[int, int | None]
     switch_epoch: int | None
     stopped_early: bool
@@ -723,8 +729,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.step_module, device_ids=ids,
-                                               broadcast_buffers=False)
+            self.ddp = DistributedDataParallel(self.step_module, device_ids=ids)
 
     def _resume(self, path: str, state: dict) -> None:
         saved = state["config"]
@@ -865,6 +870,8 @@ class Trainer:
         cfg = self.config
         stopped_early = self.controller.finished
         last_path = os.path.join(cfg.save_path, "last.pth") if self.epoch else None
+        if self.epoch and (stopped_early or self.epoch >= cfg.epochs):
+            self.info(f"{last_path} is a finished run (epoch {self.epoch}); nothing to train")
         while not self.controller.finished and self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             stage = self.controller.stage
@@ -915,10 +922,10 @@ class Trainer:
                 if not finished:
                     self.info(f"stopping after epoch {epoch}; --resume continues from {last_path}")
                 break
-        if self.controller.stage == 1 and self.epoch >= cfg.epochs:
-            self.info("training ended in stage 1: best.pth holds stage-1 parameters; evaluate "
-                      "them as stage 1 (or use the matching epoch_post_*_1.pth)")
-        best = self.controller.best
+        if self.best_path and self.controller.best_epoch[2] is None and self.epoch >= cfg.epochs:
+            self.info("best.pth holds stage-1 parameters (no stage-2 epoch was validated); "
+                      "evaluate them as stage 1, e.g. with the matching epoch_post_*_1.pth")
+        best = {k: (v if math.isfinite(v) else None) for k, v in self.controller.best.items()}
         return TrainResult(
             best_pixel_ap=best[1], best_image_ap=best[2], best_epoch=dict(self.controller.best_epoch),
             switch_epoch=self.controller.switch_epoch, stopped_early=stopped_early,
