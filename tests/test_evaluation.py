@@ -103,3 +103,43 @@ def test_missing_weights_and_data_are_one_line_errors(tiny_files, data_root, tmp
     assert "Traceback" not in r.stderr
     cli = _load_cli()
     assert cli.main(_args(tiny_files, str(tmp_path / "nowhere"), tmp_path / "y")) == 1
+
+
+def test_test_sh_lists_missing_files_and_runs_what_is_present(tiny_files, tmp_path):
+    from dataset.synthetic import write_standard
+
+    clip_path, ckpt = tiny_files
+    data = tmp_path / "data"
+    write_standard(str(data), name="BTAD", classes=["pill"], size=32, n_train=1,
+                   n_test_good=2, n_test_anomaly=2)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "train_visa.pth").write_bytes(open(ckpt, "rb").read())
+    env = dict(os.environ, DATA=str(data), CLIP=clip_path, WEIGHTS=str(weights),
+               OUT=str(tmp_path / "out"), DEVICE="cpu", PYTHON=sys.executable,
+               EXTRA="--image_size 32 --features_list 1 2 3 4 --sample_num 2 --no_vis "
+                     "--num_workers 0 --no_progress")
+    r = subprocess.run(["bash", os.path.join(ROOT, "test.sh")], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode != 0
+    assert "train_mvtec.pth" in r.stderr and "meta_mvtec.json" in r.stderr
+    assert "meta_BTAD.json" not in r.stderr
+    assert "| BTAD |" in r.stdout
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith("| dataset |") and "BTAD" in summary
+    # nothing present at all: every file listed, non-zero exit
+    env.update(CLIP=str(tmp_path / "none.pt"), DATA=str(tmp_path / "nodata"))
+    r = subprocess.run(["bash", os.path.join(ROOT, "test.sh")], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode != 0
+    assert "none.pt" in r.stderr and "nothing could be evaluated" in r.stderr
+    assert r.stderr.count("missing:") == 1 + 1 + 15
+
+
+def test_summary_shows_paper_numbers():
+    from utils.summary import markdown
+
+    table = markdown({"mvtec": {"auroc_sp": 0.9, "auroc_px": None, "ap_px": 0.5},
+                      "visa": {"auroc_sp": 0.8}})
+    assert "90.0 (paper 92.3)" in table and "n/a (paper 91.8)" in table
+    assert table.index("| mvtec |") < table.index("| visa |")
