@@ -252,9 +252,10 @@ def test_trainer_switches_restores_and_stops(tmp_path, synth_root, tiny_files):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, synth_root, tiny_files):
-    """Three epochs in one go (real validation, augmentation on)."""
+    """Five epochs in one go (real validation, augmentation on): stage 1 switches after epoch 3,
+    stage 2 stops after epoch 5."""
     save = tmp_path_factory.mktemp("straight")
-    cfg = make_config(save, synth_root, tiny_files[0])
+    cfg = make_config(save, synth_root, tiny_files[0], epochs=5)
     return cfg, train(cfg)
 
 
@@ -265,16 +266,22 @@ def _comparable(history):
 
 def test_resume_continues_exactly(tmp_path, straight_run, synth_root, tiny_files):
     cfg, straight = straight_run
-    first = train(make_config(tmp_path, synth_root, tiny_files[0], stop_after=1))
-    assert first.epochs_run == 1
-    resumed = train(make_config(tmp_path, synth_root, tiny_files[0],
-                                resume=str(tmp_path / "last.pth")))
-    assert resumed.epochs_run == straight.epochs_run == 3
+    assert [r["stage"] for r in straight.history] == [1, 1, 1, 2, 2]
+    assert straight.switch_epoch == 3 and straight.stopped_early
+    # stop inside stage 1, then right after the switch, then run to the end
+    first = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=5, stop_after=1))
+    assert first.epochs_run == 1 and first.final_stage == 1
+    last = str(tmp_path / "last.pth")
+    second = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=5, stop_after=3,
+                               resume=last))
+    assert second.epochs_run == 3 and second.final_stage == 2
+    resumed = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=5, resume=last))
+    assert resumed.epochs_run == straight.epochs_run == 5 and resumed.stopped_early
     assert _comparable(resumed.history) == _comparable(straight.history)
     _assert_same(_state(resumed.model), _state(straight.model))
     last_a = torch.load(os.path.join(cfg.save_path, "last.pth"), weights_only=True)
     last_b = torch.load(tmp_path / "last.pth", weights_only=True)
-    assert last_a["global_step"] == last_b["global_step"] == 3 * 2
+    assert last_a["global_step"] == last_b["global_step"] == 5 * 2
     for a, b in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values()):
         for k in a:
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k]))
@@ -298,12 +305,12 @@ def test_checkpoint_files(straight_run, tiny_files):
     assert {"model", "optimizer", "scheduler", "scaler", "controller", "remembered", "epoch",
             "global_step", "rng", "config", "history", "finished"} <= set(last)
     assert set(last["rng"]) >= {"python", "numpy", "torch"}
-    assert last["epoch"] == 3 and last["finished"] and last["config"] == cfg.to_dict()
+    assert last["epoch"] == 5 and last["finished"] and last["config"] == cfg.to_dict()
     assert last["controller"]["stage"] == result.final_stage
     _assert_same(last["model"], _state(result.model))
     load_checkpoint(fresh_model(clip, seed=1), os.path.join(cfg.save_path, "last.pth"))
     log = open(os.path.join(cfg.save_path, "train.log")).read()
-    assert "arguments:" in log and "epoch 3 stage" in log and "pixel AP" in log and "lr " in log
+    assert "arguments:" in log and "epoch 5 stage 2" in log and "pixel AP" in log and "lr " in log
 
 
 def test_resume_errors(tmp_path, synth_root, tiny_files):
