@@ -303,12 +303,12 @@ def load_detector(args):
         verify=False)
 
 
-def _score_all(detector, items, batch_size, desc, progress, skipped):
-    """[(item, image, result)] of the readable items, with a progress bar; unreadable files
-    are reported and appended to ``skipped``."""
+def _scored(detector, items, batch_size, desc, progress, skipped):
+    """(item, image, result) of each readable item as it is scored, under a progress bar;
+    unreadable files are reported and appended to ``skipped``. Nothing is held beyond a
+    batch, so folders of any size fit in memory."""
     from tqdm import tqdm
 
-    done = []
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for item, image, res in iter_scores(detector, items, batch_size):
@@ -318,8 +318,7 @@ def _score_all(detector, items, batch_size, desc, progress, skipped):
                 skipped.append({"path": item.path, "class_name": item.class_name,
                                 "error": res})
                 continue
-            done.append((item, image, res))
-    return done
+            yield item, image, res
 
 
 def run(args) -> dict:
@@ -362,25 +361,27 @@ def run(args) -> dict:
         threshold = {"method": "fixed", "value": float(args.threshold)}
     elif calib_items:
         calib_skipped: list[dict] = []
-        done = _score_all(detector, calib_items, args.batch_size, "calibrate", progress,
-                          calib_skipped)
-        if not done:
+        scores, scored_classes = [], set()
+        for item, _, res in _scored(detector, calib_items, args.batch_size, "calibrate",
+                                    progress, calib_skipped):
+            scores.append(res["score"])
+            scored_classes.add(item.class_name)
+        if not scores:
             raise InputError(f"no readable image in the calibration folder '{args.calibrate}'")
-        scores = [res["score"] for _, _, res in done]
         threshold = {
             "method": "calibrated",
             "value": calibrate_threshold(scores, args.percentile),
-            "calibration": {"directory": args.calibrate, "n_images": len(done),
+            "calibration": {"directory": args.calibrate, "n_images": len(scores),
                             "percentile": args.percentile,
-                            "class_names": sorted({i.class_name for i, _, _ in done}),
+                            "class_names": sorted(scored_classes),
                             "score_min": float(min(scores)), "score_max": float(max(scores)),
                             "skipped": calib_skipped}}
 
     names = dict(zip(items, overlay_names(items)))
     overlay_dir = os.path.join(args.out, "overlays")
     rows = []
-    for item, image, res in _score_all(detector, items, args.batch_size, "predict", progress,
-                                       skipped):
+    for item, image, res in _scored(detector, items, args.batch_size, "predict", progress,
+                                    skipped):
         overlay = None
         if not args.no_overlay:
             overlay = os.path.join(overlay_dir, names[item])

@@ -15,6 +15,7 @@ import predict
 from models import AnomalyDetector, WeightsError, load_clip
 from tests.clip_factory import TINY_LAYERS
 from utils.misc import set_seed
+from utils.visualize import heat_overlay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS), "--sample_num", "2",
@@ -122,16 +123,28 @@ def test_calibration_threshold_is_the_percentile(tiny_files, tmp_path):
     assert np.percentile(scores, 100) == max(scores)
 
 
-def test_fixed_threshold_decisions(tiny_files, tmp_path, capsys):
-    for i in range(3):
-        save(rgb(30 + i), tmp_path / "in" / f"{i}.png")
+def test_fixed_threshold_decisions_and_overlay_scale(tiny_files, tmp_path, capsys):
+    paths = [save(rgb(30 + i, 20 + i, 30), tmp_path / "in" / f"{i}.png") for i in range(3)]
     assert predict.main([*weights(tiny_files), *TINY, "--input", str(tmp_path / "in"),
-                         "--threshold", "0.5", "--out", str(tmp_path / "out"),
-                         "--no_overlay"]) == 0
+                         "--threshold", "0.5", "--out", str(tmp_path / "out")]) == 0
     result, rows = read_outputs(tmp_path / "out")
     assert result["threshold"] == {"method": "fixed", "value": 0.5}
     for j, c in zip(result["predictions"], rows):
         assert j["decision"] == c["decision"] == ("anomalous" if j["score"] >= 0.5 else "normal")
+
+    # the same numbers as predict_images, and overlays with the map read on a fixed 0..1 scale
+    clip_path, ckpt_path = tiny_files
+    det = AnomalyDetector.from_files(clip_path, ckpt_path, image_size=32, device="cpu",
+                                     sample_num=2, layers=TINY_LAYERS)
+    set_seed(111)
+    direct = det.predict_images(paths, "in")
+    for path, row, res in zip(paths, result["predictions"], direct):
+        assert row["path"] == path and row["class_name"] == "in"
+        assert row["score"] == pytest.approx(res["score"], rel=1e-6)
+        expected = heat_overlay(np.asarray(Image.open(path).convert("RGB")), res["anomaly_map"],
+                                vmin=0.0, vmax=1.0)
+        with Image.open(row["overlay"]) as overlay:
+            assert np.abs(np.asarray(overlay).astype(int) - expected).max() <= 1
     printed = capsys.readouterr().out
     assert "threshold 0.500000 (fixed)" in printed
     assert f"{result['summary']['n_anomalous']} anomalous" in printed
