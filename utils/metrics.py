@@ -34,7 +34,7 @@ def _flat_pair(labels, scores) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"labels and scores differ in size: {y.size} vs {s.size}.")
     if not np.issubdtype(s.dtype, np.floating):
         s = s.astype(np.float64)
-    return y, s + s.dtype.type(0)  # + 0 turns -0.0 into +0.0 so that equal scores compare equal
+    return y, s
 
 
 class SortedScores(NamedTuple):
@@ -47,7 +47,7 @@ class SortedScores(NamedTuple):
 def sort_by_label(labels, scores) -> SortedScores:
     """Splits scores by binary label and sorts each part (shared by the ranking metrics)."""
     y, s = _flat_pair(labels, scores)
-    return SortedScores(np.sort(s[y]), np.sort(s[~y]))
+    return SortedScores(np.sort(np.compress(y, s)), np.sort(np.compress(~y, s)))
 
 
 def _require_both(ss: SortedScores, metric: str) -> None:
@@ -161,7 +161,7 @@ def _stack(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         s = s.astype(np.float64)
     elif s.dtype.itemsize < 4:
         s = s.astype(np.float32)
-    return m, np.ascontiguousarray(s)
+    return np.ascontiguousarray(m), np.ascontiguousarray(s)
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,8 +255,8 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     # Background pixels needed to pass the limit (+1 guards the float product).
     needed = min(num_bg, math.floor(fpr_limit * num_bg) + 2)
     floor, top = _top_background(scores, anomalous, num_bg, needed)
-    bg = scores[top]  # [B], unsorted
-    region = scores[anomalous]
+    bg = np.compress(top, scores)  # [B], unsorted
+    region = np.compress(anomalous, scores)
     region_kept = region >= floor
     region, region_id = region[region_kept], region_of_pixel[region_kept]  # [P]
 
