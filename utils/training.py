@@ -619,9 +619,9 @@ class Trainer:
 
     ``callback(record)`` is called after every epoch with that epoch's history record (a dict);
     returning True stops training after that epoch (resumable; with several processes rank 0's
-    answer counts). ``progress(iterable, desc=...,
-    total=..., leave=...)`` wraps loops in a progress bar (e.g. ``tqdm.tqdm``); objects with a
-    ``set_postfix`` method get the running losses every ``print_freq`` steps."""
+    answer counts). ``progress(iterable, desc=..., total=..., leave=...)`` wraps loops in a
+    progress bar (e.g. ``tqdm.tqdm``); a bar with ``set_postfix`` shows the running losses every
+    ``print_freq`` steps. Subclasses may replace :meth:`validate`."""
 
     def __init__(self, config: TrainConfig, callback: Callable[[dict], Any] | None = None,
                  progress: Callable | None = None):
