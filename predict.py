@@ -159,7 +159,8 @@ def group_by_class(items: Sequence[ImageItem]) -> list[ImageItem]:
     return [item for group in order.values() for item in group]
 
 
-def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8
+def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
+                seed: int | None = None
                 ) -> Iterator[tuple[ImageItem, Image.Image | None, dict | str]]:
     """Score items in batches of one class each. Yields (item, RGB image, result of
     ``predict_images``) for each image, or (item, None, reason) for a file that cannot be
@@ -170,7 +171,7 @@ def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8
 
     def flush():
         results = detector.predict_images([im for _, im in batch], batch[0][0].class_name,
-                                          batch_size=len(batch))
+                                          batch_size=len(batch), seed=seed)
         done = [(item, im, res) for (item, im), res in zip(batch, results)]
         batch.clear()
         return done
@@ -285,25 +286,19 @@ def warn(message: str) -> None:
 
 def load_detector(args):
     """The detector of the run (weights checked and loaded once)."""
-    from models import AnomalyDetector, WeightsError
-    from models.clip import verify_openai_file
+    from models import AnomalyDetector
     from utils.misc import resolve_device
 
-    if not args.no_verify and os.path.isfile(args.pretrained_path):
-        try:
-            verify_openai_file(args.pretrained_path)
-        except WeightsError as e:
-            raise WeightsError(str(e).replace("pass verify=False", "pass --no_verify")) from None
     return AnomalyDetector.from_files(
         args.pretrained_path, args.checkpoint_path, image_size=args.image_size,
         device=resolve_device(args.device), sample_num=args.sample_num,
         layers=args.features_list, prompt_num=args.prompt_num,
         prompt_context_len=args.prompt_context_len, prompt_state_len=args.prompt_state_len,
         num_flows=args.num_flows, activation=args.activation, precision=args.precision,
-        verify=False)
+        verify=not args.no_verify)
 
 
-def _scored(detector, items, batch_size, desc, progress, skipped):
+def _scored(detector, items, batch_size, desc, progress, skipped, seed=None):
     """(item, image, result) of each readable item as it is scored, under a progress bar;
     unreadable files are reported and appended to ``skipped``. Nothing is held beyond a
     batch, so folders of any size fit in memory."""
@@ -311,7 +306,7 @@ def _scored(detector, items, batch_size, desc, progress, skipped):
 
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        for item, image, res in iter_scores(detector, items, batch_size):
+        for item, image, res in iter_scores(detector, items, batch_size, seed):
             bar.update(1)
             if image is None:
                 tqdm.write(f"warning: skipped: {res}", file=sys.stderr)
@@ -363,7 +358,7 @@ def run(args) -> dict:
         calib_skipped: list[dict] = []
         scores, scored_classes = [], set()
         for item, _, res in _scored(detector, calib_items, args.batch_size, "calibrate",
-                                    progress, calib_skipped):
+                                    progress, calib_skipped, args.seed):
             scores.append(res["score"])
             scored_classes.add(item.class_name)
         if not scores:
@@ -381,7 +376,7 @@ def run(args) -> dict:
     overlay_dir = os.path.join(args.out, "overlays")
     rows = []
     for item, image, res in _scored(detector, items, args.batch_size, "predict", progress,
-                                    skipped):
+                                    skipped, args.seed):
         overlay = None
         if not args.no_overlay:
             overlay = os.path.join(overlay_dir, names[item])

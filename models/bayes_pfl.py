@@ -163,7 +163,8 @@ class BayesPFL(nn.Module):
     # ---------------------------------------------------------------------------------------
     # Text side
 
-    def class_tokens(self, class_names: Sequence[str], device: torch.device) -> torch.Tensor:
+    def class_tokens(self, class_names: Sequence[str],
+                     device: torch.device | str = "cpu") -> torch.Tensor:
         """Token ids [B, 77] of "X <class name>" for each image (cached per name)."""
         from .tokenizer import tokenize
 
@@ -200,11 +201,14 @@ class BayesPFL(nn.Module):
         m = prompts.shape[-2]
         n_per = math.prod(lead)
         ctx_len = tokens.shape[1]
-        eot = tokens.argmax(dim=-1) + m - 1                     # [B] end token after insertion
-        if int(eot.max()) >= ctx_len:
+        eot = tokens.cpu().argmax(dim=-1) + m - 1               # [B] end token after insertion
+        last = int(eot.max())                                   # from CPU tokens: no device sync
+        tokens = tokens.to(prompts.device, non_blocking=True)
+        eot = eot.to(prompts.device, non_blocking=True)
+        if last >= ctx_len:
             raise ValueError(f"a class name is too long: with {m} prompt vectors its text "
                              f"needs more than {ctx_len} positions; use a shorter class name")
-        t = int(eot.max()) + 1 if self.cut_text else ctx_len
+        t = last + 1 if self.cut_text else ctx_len
         emb = clip.token_embedding(tokens).to(prompts.dtype)    # [B, 77, W]
         # [SOS] + prompts + the name tokens onwards, cut to t (<= 77) positions
         tail = emb[:, 2:t - m + 1] if t - m + 1 > 2 else emb[:, 2:2]
@@ -222,7 +226,7 @@ class BayesPFL(nn.Module):
         """All N*R normal then N*R abnormal embeddings per image, sample-major:
         [B, 2NR, D]."""
         context = samples.context.zk
-        tokens = self.class_tokens(class_names, context.device)
+        tokens = self.class_tokens(class_names)
         prompts = self.prompt_vectors(context, samples.normal.zk, samples.abnormal.zk)
         emb = self.encode_prompts(clip, prompts, tokens)       # [B, 2, R, N, D]
         return emb.flatten(1, 3)

@@ -353,8 +353,8 @@ def verify_openai_file(path: str) -> None:
         raise WeightsError(
             f"'{path}' is not OpenAI's {name} (SHA-256 {got[:12]}..., expected "
             f"{expected[:12]}..., {size:,} bytes): the download is truncated or damaged; "
-            f"download it again from {openai_url(name)}, or pass verify=False for a file "
-            "changed on purpose")
+            f"download it again from {openai_url(name)}, or turn the check off (--no_verify, "
+            "verify=False) for a file changed on purpose")
 
 
 def _is_torchscript(path: str) -> bool:

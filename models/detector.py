@@ -87,7 +87,8 @@ class AnomalyDetector:
 
 
     def predict_images(self, images: Sequence, class_name: str | Sequence[str],
-                        batch_size: int = 8, smooth_sigma: float = 8.0) -> list[dict]:
+                       batch_size: int = 8, smooth_sigma: float = 8.0,
+                       seed: int | None = None) -> list[dict]:
         """Score images (PIL, paths or arrays) of one class (or one class name each).
 
         Returns one dict per image: ``text_score`` (mean abnormal probability of the prompt
@@ -95,7 +96,11 @@ class AnomalyDetector:
         protocol), ``score`` = the mean of the two (both in [0, 1]; the official per-class min-max
         needs a whole test set, so it is not applied here), ``anomaly_map`` float32 [H, W] at the
         image's original size (smoothed with a Gaussian of ``smooth_sigma`` at S x S, then
-        resized bilinearly)."""
+        resized bilinearly).
+
+        ``seed``: when given, every image gets the same standard-normal draws (from a
+        generator seeded with it), so that an image's result does not depend on the other
+        images of the call or on its position; None: draws from the torch RNG as ``predict``."""
         from utils.images import to_rgb
         from utils.protocol import gaussian_smooth, topk_for_class
 
@@ -107,7 +112,7 @@ class AnomalyDetector:
             chunk = [to_rgb(im) for im in images[start:start + batch_size]]
             batch = torch.stack([self.preprocess(im) for im in chunk])
             chunk_names = names[start:start + batch_size]
-            out = self.predict(batch, chunk_names)
+            out = self.predict(batch, chunk_names, self._seeded_noise(seed, len(chunk)))
             maps = out["anomaly_map"].float()
             smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
             for i, im in enumerate(chunk):
@@ -120,6 +125,16 @@ class AnomalyDetector:
                                 "score": 0.5 * (text_score + map_score),
                                 "anomaly_map": full.cpu().numpy()})
         return results
+
+    def _seeded_noise(self, seed: int | None, batch: int) -> dict[str, torch.Tensor] | None:
+        """The same draws for every image of a batch, from a generator seeded with ``seed``."""
+        if seed is None:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        d, r = self.model.prompt_context.shape[-1], self.sample_num
+        context = torch.randn(r, 1, d, generator=g).expand(r, batch, d)
+        return {"context": context, "normal": torch.randn(r, 1, d, generator=g),
+                "abnormal": torch.randn(r, 1, d, generator=g)}
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +201,7 @@ class AnomalyDetector:
         context = model.PFL_context(features, eps_ctx)          # [R, B, D]
 
         with self._autocast():
-            tokens_ids = model.class_tokens(class_names, self.device)
+            tokens_ids = model.class_tokens(class_names)         # CPU: lengths known without sync
             prompts = model.prompt_vectors(context.zk, normal.zk, abnormal.zk)
             text = model.encode_prompts(clip, prompts, tokens_ids).flatten(1, 3)  # [B, 2NR, D]
         text = text.float()

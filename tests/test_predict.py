@@ -14,7 +14,6 @@ from PIL import Image
 import predict
 from models import AnomalyDetector, WeightsError, load_clip
 from tests.clip_factory import TINY_LAYERS
-from utils.misc import set_seed
 from utils.visualize import heat_overlay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,8 +95,7 @@ def test_calibration_threshold_is_the_percentile(tiny_files, tmp_path):
     clip_path, ckpt_path = tiny_files
     det = AnomalyDetector.from_files(clip_path, ckpt_path, image_size=32, device="cpu",
                                      sample_num=2, layers=TINY_LAYERS)
-    set_seed(111)
-    scores = [r["score"] for r in det.predict_images(good, "widget", batch_size=8)]
+    scores = [r["score"] for r in det.predict_images(good, "widget", batch_size=8, seed=111)]
 
     for percentile in (100, 95):
         out = tmp_path / f"out{percentile}"
@@ -136,8 +134,7 @@ def test_fixed_threshold_decisions_and_overlay_scale(tiny_files, tmp_path, capsy
     clip_path, ckpt_path = tiny_files
     det = AnomalyDetector.from_files(clip_path, ckpt_path, image_size=32, device="cpu",
                                      sample_num=2, layers=TINY_LAYERS)
-    set_seed(111)
-    direct = det.predict_images(paths, "in")
+    direct = det.predict_images(paths, "in", seed=111)
     for path, row, res in zip(paths, result["predictions"], direct):
         assert row["path"] == path and row["class_name"] == "in"
         assert row["score"] == pytest.approx(res["score"], rel=1e-6)
@@ -284,3 +281,16 @@ def test_openai_name_with_wrong_content(tiny_files, tmp_path, capsys):
     assert predict.main([*argv, "--no_verify"]) == 0
     result, _ = read_outputs(tmp_path / "out")
     assert len(result["predictions"]) == 1
+
+
+def test_seeded_scores_do_not_depend_on_the_other_images(tiny_files, tmp_path):
+    paths = [save(rgb(40 + 7 * i, 10, 90 - 5 * i), tmp_path / f"{i}.png") for i in range(3)]
+    clip_path, ckpt_path = tiny_files
+    det = AnomalyDetector.from_files(clip_path, ckpt_path, image_size=32, device="cpu",
+                                     sample_num=2, layers=TINY_LAYERS)
+    together = det.predict_images(paths, "in", batch_size=2, seed=5)
+    alone = det.predict_images(paths[2:], "in", seed=5)
+    assert alone[0]["score"] == pytest.approx(together[2]["score"], abs=1e-6)
+    np.testing.assert_allclose(alone[0]["anomaly_map"], together[2]["anomaly_map"], atol=1e-6)
+    other = det.predict_images(paths[2:], "in", seed=6)
+    assert other[0]["score"] != pytest.approx(alone[0]["score"], abs=1e-7)

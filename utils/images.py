@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -30,13 +30,14 @@ def _array_to_uint8(a: np.ndarray) -> np.ndarray:
 def to_rgb(image) -> Image.Image:
     """A path, a PIL image of any mode (RGB, RGBA, L, P, I;16, I, F, CMYK...) or a numpy array
     ([H, W], [H, W, 3], [H, W, 4]; uint8, uint16 or float in [0, 1]) -> PIL RGB image.
-    Alpha is dropped (composited on black is not done: the colour channels are kept)."""
+    Files are turned upright by their EXIF orientation; alpha is dropped (the colour channels
+    are kept as they are)."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         try:
             with Image.open(path) as im:
                 im.load()
-                return to_rgb(im)
+                return to_rgb(ImageOps.exif_transpose(im))  # as image viewers show it
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageReadError(f"cannot read image '{path}' ({type(e).__name__}): check that "
                                  "it is an image file and not damaged") from None

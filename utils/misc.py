@@ -29,7 +29,7 @@ def resolve_device(device: str | None = None, device_id: int | None = None) -> t
         device = f"cuda:{device_id}"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but no CUDA device is available; "
+        raise ValueError("--device cuda was asked for but no CUDA device is available; "
                          "use --device cpu")
     return dev
 
