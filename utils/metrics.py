@@ -291,17 +291,22 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
 
     bg_bucket = bucket(bg_keys)  # [B]
     bg_count = np.bincount(bg_bucket, minlength=num_buckets)  # [num_buckets]
-    bg_above = bg.size - np.cumsum(bg_count)  # background pixels in higher buckets
     mixed = np.zeros(num_buckets, dtype=bool)
     mixed[region_bucket] = True
 
     # Flat segments: buckets with background pixels and no region pixel.
     flat = np.flatnonzero((bg_count > 0) & ~mixed)
+    flat_count = bg_count[flat]
+    bg_above = np.cumsum(bg_count, out=bg_count)
+    bg_above = np.subtract(bg.size, bg_above, out=bg_above)  # background pixels in higher buckets
     flat_lo = bg_above[flat]  # background pixels above the segment
-    flat_hi = flat_lo + bg_count[flat]
-    region_mass = np.bincount(region_bucket, weights=region_weight, minlength=num_buckets)
-    pro_above = pro_from[0] - np.cumsum(region_mass)  # PRO of the higher buckets
+    flat_hi = flat_lo + flat_count
+    pro_above = np.bincount(region_bucket, weights=region_weight, minlength=num_buckets)
+    pro_above = pro_above.astype(np.float64, copy=False)  # (integer when there are no weights)
+    pro_above = np.cumsum(pro_above, out=pro_above)
+    pro_above = np.subtract(pro_from[0], pro_above, out=pro_above)  # PRO of the higher buckets
     flat_pro = pro_above[flat]
+    del flat, flat_count, pro_above
 
     # Sharp segments: distinct background scores in buckets holding region pixels.
     sharp = np.sort(bg[mixed[bg_bucket]])
@@ -317,12 +322,14 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     sharp_pro_hi = pro_from[np.searchsorted(region_keys, value_keys, side="left")]  # PRO(>= b)
     sharp_pro_lo = pro_from[np.searchsorted(region_keys, value_keys, side="right")]  # PRO(> b)
 
-    fpr_lo = np.r_[flat_lo, sharp_lo] / num_bg
-    fpr_hi = np.r_[flat_hi, sharp_hi] / num_bg
+    count_lo = np.r_[flat_lo, sharp_lo]  # background pixels above each segment
+    count_hi = np.r_[flat_hi, sharp_hi]  # ... and down to its lowest score
     pro_lo = np.r_[flat_pro, sharp_pro_lo]
     pro_hi = np.r_[flat_pro, sharp_pro_hi]
+    fpr_lo, fpr_hi = count_lo / num_bg, count_hi / num_bg
     full = fpr_hi < fpr_limit
-    area = float(np.sum((fpr_hi - fpr_lo) * (pro_hi + pro_lo), where=full)) / 2.0
+    width = np.subtract(fpr_hi, fpr_lo, out=count_hi.astype(np.float64))
+    area = float(np.dot(width * full, pro_hi + pro_lo)) / 2.0
     (cut,) = np.flatnonzero((fpr_lo < fpr_limit) & ~full)  # the segment holding the limit
     x0, x1, y0, y1 = fpr_lo[cut], fpr_hi[cut], pro_lo[cut], pro_hi[cut]
     y_cut = y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0)
