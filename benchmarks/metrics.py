@@ -22,7 +22,13 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.metrics import aupro, aupro_official, auroc, average_precision, label_regions  # noqa: E402
+from utils.metrics import (  # noqa: E402
+    aupro,
+    aupro_official,
+    auroc,
+    average_precision,
+    label_regions,
+)
 
 
 def make_class(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +69,8 @@ def aupro_sort_all(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) 
     fpr = np.r_[0.0, np.cumsum(fpr_step)[last]]
     pro = np.r_[0.0, np.cumsum(pro_step)[last]]
     cut = int(np.searchsorted(fpr, fpr_limit, side="left"))
-    y_cut = pro[cut - 1] + (fpr_limit - fpr[cut - 1]) / (fpr[cut] - fpr[cut - 1]) * (pro[cut] - pro[cut - 1])
+    x0, x1, y0, y1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+    y_cut = y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0)
     x = np.r_[fpr[:cut], fpr_limit]
     y = np.r_[pro[:cut], y_cut]
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0) / fpr_limit

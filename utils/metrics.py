@@ -128,7 +128,7 @@ def average_precision(labels, scores) -> float:
 
 
 def f1_max(labels, scores) -> tuple[float, float]:
-    """(highest F1 over all distinct thresholds, the threshold reaching it); positive: score >= t."""
+    """(highest F1 over all distinct thresholds, the threshold reaching it); positive: >= t."""
     return f1_max_sorted(sort_by_label(labels, scores))
 
 
@@ -277,8 +277,8 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     bg_keys = _order_keys(bg)  # [B]
     region_keys = _order_keys(region).astype(np.int64)  # [P]
     if bg_keys.dtype == np.int32:  # float32 scores: sort keys and region ids as one 64-bit word
-        word = ((region_keys + 2**31).astype(np.uint64) << np.uint64(32)) | region_id.astype(np.uint64)
-        word = np.sort(word)
+        word = (region_keys + 2**31).astype(np.uint64) << np.uint64(32)
+        word = np.sort(word | region_id.astype(np.uint64))
         region_keys = (word >> np.uint64(32)).astype(np.int64) - 2**31
         region_id = (word & np.uint64(0xFFFFFFFF)).astype(np.intp)
     else:

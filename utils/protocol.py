@@ -30,7 +30,9 @@ CLASSIFICATION_ONLY = frozenset({"HeadCT", "BrainMRI", "Br35H"})
 
 PIXEL_METRICS = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "threshold")
 IMAGE_METRICS = ("auroc_sp", "ap_sp", "f1_sp")
-COLUMNS = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "auroc_sp", "ap_sp", "f1_sp", "threshold")
+COLUMNS = (
+    "auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "auroc_sp", "ap_sp", "f1_sp", "threshold"
+)
 PRO_MODES = ("exact", "official", "off")
 
 
@@ -174,7 +176,9 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
     labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1).astype(bool)
     text = torch.as_tensor(text_scores).detach().cpu().to(torch.float64).reshape(-1)
     if text.numel() != labels.size:
-        raise ValueError(f"{labels.size} labels for {text.numel()} text scores in class {class_name}.")
+        raise ValueError(
+            f"{labels.size} labels for {text.numel()} text scores in class {class_name}."
+        )
 
     pixel = dict.fromkeys(PIXEL_METRICS)
     smoothed_np = None
@@ -215,7 +219,7 @@ def summarise(rows: dict) -> tuple[str, dict]:
     mean_row = {}
     for column in COLUMNS:
         values = [r.get(column) for r in rows.values()]
-        values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        values = [v for v in values if v is not None and not math.isnan(v)]
         mean_row[column] = float(np.mean(values)) if values else None
     body = [[name] + [_cell(c, r.get(c)) for c in COLUMNS] for name, r in rows.items()]
     body.append(["mean"] + [_cell(c, mean_row[c]) for c in COLUMNS])
