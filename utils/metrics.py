@@ -264,7 +264,8 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     floor_key = int(_order_keys(np.array([floor]))[0])
     top_key = max(int(_order_keys(x.max(keepdims=True))[0]) for x in (bg, region) if x.size)
     span = top_key - floor_key
-    shift = max(0, span.bit_length() - _MAX_BUCKETS_LOG2)
+    buckets_log2 = min(_MAX_BUCKETS_LOG2, bg.size.bit_length())  # about one per pixel at most
+    shift = max(0, span.bit_length() - buckets_log2)
     num_buckets = (span >> shift) + 1
 
     def bucket(keys: np.ndarray) -> np.ndarray:
