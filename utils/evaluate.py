@@ -133,7 +133,9 @@ def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
             if on_class:
                 on_class(outputs.name, row)
             if writer:
-                smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
+                smoothed = metrics.get("smoothed_maps")
+                if smoothed is None:   # classification-only datasets: maps not scored
+                    smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
                 writer.submit(outputs, smoothed, row.get("threshold"))
     finally:
         if writer:
