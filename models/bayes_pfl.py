@@ -34,6 +34,21 @@ def prompt_class_name(name: str) -> str:
     return CLASS_NAME_MAP.get(name, name).lower()
 
 
+def packed_pair_layout(t: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout of two sequences of t positions that share their first ``prefix`` positions,
+    packed as [prefix, rest of the first, rest of the second] (2t - prefix slots).
+
+    Returns the position index of each slot [2t - prefix] and the attention mask
+    [2t - prefix, 2t - prefix] (True: may attend): causal within each sequence, the second's
+    slots never seeing the first's own."""
+    positions = torch.cat([torch.arange(t), torch.arange(prefix, t)])
+    slot = torch.arange(positions.numel())
+    part = (slot >= t).long() - (slot < prefix).long()         # -1 shared, 0 first, 1 second
+    causal = positions[None, :] <= positions[:, None]
+    visible = (part[None, :] == -1) | (part[None, :] == part[:, None])
+    return positions, causal & visible
+
+
 class Fuse(nn.Module):
     """Patch tokens of all layers -> one image-level vector (attention pooling)."""
 
@@ -99,8 +114,13 @@ class BayesPFL(nn.Module):
         self.prompt_state_len = prompt_state_len
         self.num_flows = num_flows
         self.num_layers = num_layers
-        # Text positions are cut after the last end token (exact: causal mask). Off: all 77.
+        # Text positions are cut after the last end token (exact: causal mask). Off: all 77,
+        # one sequence per prompt (the plain computation).
         self.cut_text = True
+        # With the cut: a normal and an abnormal prompt of the same (image, sample, prompt
+        # index) share [SOS] + the P context vectors, whose hidden states are the same in both
+        # (causal mask); the pair runs as one packed sequence, the prefix once (exact).
+        self.share_prefix = True
 
         self.prompt_context = nn.Parameter(torch.empty(prompt_num, prompt_context_len, d))
         self.prompt_state_normal = nn.Parameter(torch.empty(prompt_num, prompt_state_len, d))
@@ -192,6 +212,17 @@ class BayesPFL(nn.Module):
         abnormal_p = torch.cat([ctx, state(self.prompt_state_abnormal, abnormal)], dim=3)
         return torch.stack([normal_p, abnormal_p], dim=1)
 
+    def _text_length(self, tokens: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
+        """End-token index of each row after inserting m prompt vectors (CPU) and the number
+        of positions the text tower runs (the cut, or the full context)."""
+        ctx_len = tokens.shape[1]
+        eot = tokens.cpu().argmax(dim=-1) + m - 1               # [B] end token after insertion
+        last = int(eot.max())                                   # from CPU tokens: no device sync
+        if last >= ctx_len:
+            raise ValueError(f"a class name is too long: with {m} prompt vectors its text "
+                             f"needs more than {ctx_len} positions; use a shorter class name")
+        return eot, (last + 1 if self.cut_text else ctx_len)
+
     def encode_prompts(self, clip, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Prompt vectors [B, ..., P+Q, W] inserted at the "X" token of each image's class
         text (tokens [B, 77]) -> L2-normalised text embeddings [B, ..., D] (one text tower
@@ -200,15 +231,9 @@ class BayesPFL(nn.Module):
         lead = prompts.shape[1:-2]
         m = prompts.shape[-2]
         n_per = math.prod(lead)
-        ctx_len = tokens.shape[1]
-        eot = tokens.cpu().argmax(dim=-1) + m - 1               # [B] end token after insertion
-        last = int(eot.max())                                   # from CPU tokens: no device sync
+        eot, t = self._text_length(tokens, m)
         tokens = tokens.to(prompts.device, non_blocking=True)
         eot = eot.to(prompts.device, non_blocking=True)
-        if last >= ctx_len:
-            raise ValueError(f"a class name is too long: with {m} prompt vectors its text "
-                             f"needs more than {ctx_len} positions; use a shorter class name")
-        t = last + 1 if self.cut_text else ctx_len
         emb = clip.token_embedding(tokens).to(prompts.dtype)    # [B, 77, W]
         # [SOS] + prompts + the name tokens onwards, cut to t (<= 77) positions
         tail = emb[:, 2:t - m + 1] if t - m + 1 > 2 else emb[:, 2:2]
@@ -221,6 +246,54 @@ class BayesPFL(nn.Module):
                                             eot.repeat_interleave(n_per))
         return F.normalize(feats, dim=-1).reshape(b, *lead, -1)
 
+    def encode_prompt_pairs(self, clip, prompts: torch.Tensor, tokens: torch.Tensor
+                            ) -> torch.Tensor:
+        """Normal and abnormal prompt vectors [B, 2, ..., P+Q, W] (dim 1: normal, abnormal;
+        the first P vectors the same for both kinds, as ``prompt_vectors`` makes them) ->
+        L2-normalised text embeddings [B, 2, ..., D], equal to ``encode_prompts``.
+
+        With ``cut_text`` and ``share_prefix``, each pair is one packed sequence
+        [SOS, context (P), normal states (Q), name..., abnormal states (Q), name...]: the
+        abnormal part takes the positions of the normal part and sees the prefix and itself
+        only, so each part's hidden states are those of its own plain sequence."""
+        if not (self.cut_text and self.share_prefix):
+            return self.encode_prompts(clip, prompts, tokens)
+        b, kinds = prompts.shape[:2]
+        if kinds != 2:
+            raise ValueError(f"prompt pairs need dim 1 of size 2 (normal, abnormal), not {kinds}")
+        lead = prompts.shape[2:-2]
+        m, p = prompts.shape[-2], self.prompt_context_len
+        n_per = math.prod(lead)
+        eot, t = self._text_length(tokens, m)
+        s = t - 1 - p                                           # suffix: states, name, EOT
+        dev = prompts.device
+        tokens = tokens.to(dev, non_blocking=True)
+        eot = eot.to(dev, non_blocking=True)
+        emb = clip.token_embedding(tokens).to(prompts.dtype)    # [B, 77, W]
+        tail = emb[:, None, 2:t - m + 1].expand(b, n_per, -1, -1)
+        pairs = prompts.reshape(b, 2, n_per, m, -1)
+        seq = torch.cat([
+            emb[:, None, :1].expand(b, n_per, 1, -1),           # [SOS]
+            pairs[:, 0, :, :p],                                 # shared context vectors
+            pairs[:, 0, :, p:], tail,                           # normal states, name, EOT...
+            pairs[:, 1, :, p:], tail,                           # abnormal states, name, EOT...
+        ], dim=2)                                               # [B, n, 1 + P + 2s, W]
+        positions, mask = packed_pair_layout(t, 1 + p)
+        read = torch.stack([eot, eot + s], dim=1)               # [B, 2] normal, abnormal EOT
+        feats = clip.encode_text_embeddings(seq.flatten(0, 1), read.repeat_interleave(n_per, 0),
+                                            positions=positions.to(dev),
+                                            attn_mask=mask.to(dev, non_blocking=True))
+        feats = F.normalize(feats, dim=-1).reshape(b, *lead, 2, -1)  # [B, ..., 2, D]
+        return feats.movedim(-2, 1)                             # [B, 2, ..., D]
+
+    def text_work(self, tokens: torch.Tensor, pairs: int) -> tuple[int, int]:
+        """(sequences, positions per sequence) that the text tower runs for one image with
+        ``pairs`` (normal, abnormal) prompt pairs, for a batch with class-text tokens [B, 77]."""
+        _, t = self._text_length(tokens, self.prompt_context_len + self.prompt_state_len)
+        if self.cut_text and self.share_prefix:
+            return pairs, 2 * t - 1 - self.prompt_context_len
+        return 2 * pairs, t
+
     def text_embeddings(self, clip, samples: Samples, class_names: Sequence[str]
                         ) -> torch.Tensor:
         """All N*R normal then N*R abnormal embeddings per image, sample-major:
@@ -228,7 +301,7 @@ class BayesPFL(nn.Module):
         context = samples.context.zk
         tokens = self.class_tokens(class_names)
         prompts = self.prompt_vectors(context, samples.normal.zk, samples.abnormal.zk)
-        emb = self.encode_prompts(clip, prompts, tokens)       # [B, 2, R, N, D]
+        emb = self.encode_prompt_pairs(clip, prompts, tokens)  # [B, 2, R, N, D]
         return emb.flatten(1, 3)
 
     # ---------------------------------------------------------------------------------------

@@ -85,11 +85,15 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; ``attn_mask`` [T, T] bool (True: may attend) replaces
+        ``causal``."""
         b, t, c = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3C]
         qkv = qkv.view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask,
+                                             is_causal=causal and attn_mask is None)
         out = out.transpose(1, 2).reshape(b, t, c)  # [B, T, C]
         return self.out_proj(out)
 
@@ -105,8 +109,9 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", make_activation(activation))
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -282,22 +287,32 @@ class CLIP(nn.Module):
         block [B, G*G, V], class token dropped, no norm or projection)."""
         return self.visual(images, list(layers))
 
-    def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+    def encode_text_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor,
+                               positions: torch.Tensor | None = None,
+                               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [B, T, W] (T <= context length, before the position embedding)
-        and the end-token position of each row [B] -> text features [B, D].
+        and the end-token position of each row [B] -> text features [B, D]; or several read
+        positions per row [B, k] -> [B, k, D].
 
         Positions after the end token never influence it (causal mask), so callers may cut
-        the sequence right after the largest end-token index."""
+        the sequence right after the largest end-token index. Packed sequences: ``positions``
+        [T] (position-embedding index of each slot) and ``attn_mask`` [T, T] (bool, True: may
+        attend) replace the plain 0..T-1 and the causal mask."""
         t = x.shape[1]
-        if t > self.context_length:
-            raise ValueError(f"text of {t} positions is longer than the context length "
-                             f"{self.context_length}")
-        x = x + self.positional_embedding[:t].to(x.dtype)
+        if positions is None:
+            if t > self.context_length:
+                raise ValueError(f"text of {t} positions is longer than the context length "
+                                 f"{self.context_length}")
+            x = x + self.positional_embedding[:t].to(x.dtype)
+        else:
+            x = x + self.positional_embedding[positions].to(x.dtype)
         for block in self.transformer.resblocks:
-            x = block(x, causal=True)
+            x = block(x, causal=attn_mask is None, attn_mask=attn_mask)
         x = self.ln_final(x)
         rows = torch.arange(x.shape[0], device=x.device)
-        return x[rows, eot_index] @ self.text_projection.to(x.dtype)  # [B, D]
+        if eot_index.dim() == 2:
+            rows = rows[:, None]                                      # [B, k] read positions
+        return x[rows, eot_index] @ self.text_projection.to(x.dtype)  # [B, D] or [B, k, D]
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] (end token = the largest id of a row) -> [B, D]."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from utils.misc import autocast
 
-from .bayes_pfl import BayesPFL, FlowSamples
+from .bayes_pfl import BayesPFL, FlowSamples, Samples
 
 
 class AnomalyDetector:
@@ -169,26 +169,23 @@ class AnomalyDetector:
         out = self.forward(images, class_names, noise)
         return {"image_score": out["image_score"], "anomaly_map": out["anomaly_map"]}
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: Sequence[str] | str,
-                noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """``predict`` plus the intermediates: image features, layer tokens, text
-        embeddings."""
-        model, clip = self.model, self.clip
-        images = images.to(self.device, non_blocking=True)
-        b = images.shape[0]
-        if isinstance(class_names, str):
-            class_names = [class_names] * b
-        if len(class_names) != b:
-            raise ValueError(f"{len(class_names)} class names for {b} images")
-        with self._autocast():
-            features, tokens = clip.encode_image(images, self.layers)
-        features = features.float()
-        tokens = [t.float() for t in tokens]
-        d = features.shape[1]
+    # --------------------------------------------------------------------------------------
+    # The stages of one forward (the benchmarks time them one by one)
 
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Frozen image tower: images [B, 3, S, S] -> global features [B, D], layer tokens
+        [B, G*G, V] (fp32 whatever the precision)."""
+        with self._autocast():
+            features, tokens = self.clip.encode_image(images, self.layers)
+        return features.float(), [t.float() for t in tokens]
+
+    def draw_samples(self, features: torch.Tensor, noise: dict[str, torch.Tensor] | None
+                     ) -> Samples:
+        """Prompt samples: context [R, B, D] from the image features, states [R, 1, D]
+        (cached per evaluation run when drawn from the RNG)."""
+        model = self.model
         if noise is None:
-            drawn = self._draw_noise(b, d)
+            drawn = self._draw_noise(features.shape[0], features.shape[1])
             eps_ctx = drawn["context"]
             if self._states is None:
                 self._states = (model.PFL_normal(drawn["normal"]),
@@ -198,26 +195,54 @@ class AnomalyDetector:
             eps_ctx = noise["context"].to(self.device, torch.float32)
             normal = model.PFL_normal(noise["normal"].to(self.device, torch.float32))
             abnormal = model.PFL_abnormal(noise["abnormal"].to(self.device, torch.float32))
-        context = model.PFL_context(features, eps_ctx)          # [R, B, D]
+        return Samples(model.PFL_context(features, eps_ctx), normal, abnormal)
 
+    def encode_text(self, samples: Samples, class_names: Sequence[str]) -> torch.Tensor:
+        """Text tower over all prompts: N*R normal then N*R abnormal embeddings per image,
+        [B, 2NR, D] fp32."""
         with self._autocast():
-            tokens_ids = model.class_tokens(class_names)         # CPU: lengths known without sync
-            prompts = model.prompt_vectors(context.zk, normal.zk, abnormal.zk)
-            text = model.encode_prompts(clip, prompts, tokens_ids).flatten(1, 3)  # [B, 2NR, D]
-        text = text.float()
-        pairs = text.shape[1] // 2
+            text = self.model.text_embeddings(self.clip, samples, class_names)
+        return text.float()
 
-        logits = model.image_logits(features, tokens, text, self.stage)           # [B, 2NR]
-        image_score = torch.sigmoid(logits[:, pairs:] - logits[:, :pairs]).mean(1)
+    def head_logits(self, features: torch.Tensor, tokens: list[torch.Tensor],
+                    text: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image logits [B, 2NR] and per-layer pixel logits [B, 2NR, G, G] (fp32)."""
+        image = self.model.image_logits(features, tokens, text, self.stage)
+        return image, self.model.pixel_logits(tokens, text)
 
-        anomaly_map = torch.zeros(b, self.image_size, self.image_size, device=self.device)
-        for layer_logits in model.pixel_logits(tokens, text):                     # [B, 2NR, G, G]
-            diff = layer_logits[:, pairs:] - layer_logits[:, :pairs]               # [B, NR, G, G]
+    def score(self, image_logits: torch.Tensor, pixel_logits: list[torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean abnormal probability over the prompt pairs: image score [B] and, over layers
+        too, the upsampled map [B, S, S]. A 2-way softmax is the sigmoid of the difference and
+        bilinear upsampling is linear, so each pair's difference is upsampled once."""
+        pairs = image_logits.shape[1] // 2
+        image_score = torch.sigmoid(image_logits[:, pairs:] - image_logits[:, :pairs]).mean(1)
+        b, s = image_logits.shape[0], self.image_size
+        anomaly_map = torch.zeros(b, s, s, device=image_logits.device)
+        for layer_logits in pixel_logits:                                   # [B, 2NR, G, G]
+            diff = layer_logits[:, pairs:] - layer_logits[:, :pairs]        # [B, NR, G, G]
             for start in range(0, pairs, self.map_chunk):
-                up = F.interpolate(diff[:, start:start + self.map_chunk],
-                                   size=(self.image_size, self.image_size),
+                up = F.interpolate(diff[:, start:start + self.map_chunk], size=(s, s),
                                    mode="bilinear", align_corners=True)
                 anomaly_map += torch.sigmoid(up).sum(1)
-        anomaly_map /= pairs * len(tokens)
+        anomaly_map /= pairs * len(pixel_logits)
+        return image_score, anomaly_map
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: Sequence[str] | str,
+                noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``predict`` plus the intermediates: image features, layer tokens, text
+        embeddings."""
+        images = images.to(self.device, non_blocking=True)
+        b = images.shape[0]
+        if isinstance(class_names, str):
+            class_names = [class_names] * b
+        if len(class_names) != b:
+            raise ValueError(f"{len(class_names)} class names for {b} images")
+        features, tokens = self.encode_images(images)
+        samples = self.draw_samples(features, noise)
+        text = self.encode_text(samples, class_names)                       # [B, 2NR, D]
+        image_logits, pixel_logits = self.head_logits(features, tokens, text)
+        image_score, anomaly_map = self.score(image_logits, pixel_logits)
         return {"image_score": image_score, "anomaly_map": anomaly_map,
                 "global": features, "tokens": tokens, "text_embeddings": text}

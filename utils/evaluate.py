@@ -50,13 +50,18 @@ def iterate_classes(detector, loader, progress: bool = True) -> Iterator[ClassOu
     for batch in loader:
         names = batch["cls_name"]
         out = detector.predict(batch["image"], names)
+        # the one device -> host copy of the batch
         scores = out["image_score"].float().cpu().numpy()
         maps = out["anomaly_map"].float().cpu().numpy()
         masks = (batch["mask"][:, 0] > 0.5).numpy()
         for i, name in enumerate(names):
             if current is None or current["name"] != name:
                 if current is not None:
-                    yield finish(current)
+                    # the per-image pieces are dropped before the class is handed over, so
+                    # that they do not stay alive while its metrics are computed
+                    outputs, current = finish(current), None
+                    yield outputs
+                    del outputs
                 current = {"name": name, "labels": [], "masks": [], "scores": [], "maps": [],
                            "paths": [], "species": []}
             current["labels"].append(int(batch["label"][i]))
@@ -68,7 +73,8 @@ def iterate_classes(detector, loader, progress: bool = True) -> Iterator[ClassOu
         bar.update(len(names))
     bar.close()
     if current is not None:
-        yield finish(current)
+        outputs, current = finish(current), None
+        yield outputs
 
 
 class PictureWriter:
@@ -137,6 +143,10 @@ def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
                 if smoothed is None:   # classification-only datasets: maps not scored
                     smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
                 writer.submit(outputs, smoothed, row.get("threshold"))
+                del smoothed
+            # the next class is inferred without this one's arrays (the picture writer keeps
+            # its own references until its pictures are written)
+            del outputs, metrics
     finally:
         if writer:
             writer.close()

@@ -1,0 +1,146 @@
+"""Time and peak memory of one training step, text cut to the needed positions vs all 77.
+
+    python benchmarks/train_step.py                       # ViT-L/14-336 at 518 px, batch 8, fp32
+    python benchmarks/train_step.py --device cuda --batch_size 32
+    python benchmarks/train_step.py --geometry tiny --image_size 56 --iters 1   # quick check
+
+A step is (a) the frozen image tower, without gradients (``utils.training.encode_images``), then
+(b) the Bayes-PFL step (``utils.training.optimisation_step``: ``training_forward``, backward,
+Adam step), as ``Trainer.train_epoch`` runs them. (b) is timed with the text tower cut after the
+last end token (the default, with the shared-prefix packing) and with all 77 positions
+(``model.cut_text = False``: the plain computation); (a) does not depend on it and is timed once
+per repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402
+    PeakMemory,
+    Timer,
+    add_common_flags,
+    build_models,
+    check_args,
+    machine_line,
+)
+from utils.training import (  # noqa: E402
+    TrainConfig,
+    TrainingStep,
+    encode_images,
+    make_optimizer,
+    optimisation_step,
+    set_trainable,
+)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_flags(p, batch_size=8)
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
+    return p
+
+
+def make_batch(args: argparse.Namespace) -> dict:
+    """Random images, rectangular defects on every other image, labels, class names."""
+    g = torch.Generator().manual_seed(args.seed)
+    b, s = args.batch_size, args.image_size
+    images = torch.randn(b, 3, s, s, generator=g)
+    masks = torch.zeros(b, 1, s, s)
+    for i in range(0, b, 2):
+        y, x = torch.randint(0, s // 2, (2,), generator=g).tolist()
+        masks[i, :, y:y + s // 4, x:x + s // 3] = 1.0
+    labels = (masks.flatten(1).amax(1) > 0).long()
+    names = [args.class_name[i % len(args.class_name)] for i in range(b)]
+    return {"image": images, "mask": masks, "label": labels, "cls_name": names}
+
+
+def run(args: argparse.Namespace, device: torch.device) -> dict:
+    clip, model = build_models(args, device)
+    model.train()
+    set_trainable(model, args.stage)
+    optimizer = make_optimizer(model, TrainConfig(), args.stage)
+    step = TrainingStep(model, clip)
+    batch = make_batch(args)
+    masks = batch["mask"].to(device)
+    timer = Timer(device)
+    peaks = {"image": 0.0, "cut": 0.0, "full": 0.0}
+    before = 0.0
+
+    def module_step(cut: bool, features, tokens, index: int) -> None:
+        model.cut_text = cut
+        optimisation_step(step, optimizer, None, features, tokens, batch["cls_name"],
+                          batch["label"], masks, index, args.stage, device, args.precision)
+
+    try:
+        features, tokens = encode_images(clip, batch["image"], args.layers, device,
+                                         args.precision)
+        for i in range(args.warmup):
+            for cut_text in (True, False):
+                module_step(cut_text, features, tokens, i % model.prompt_num)
+        for i in range(args.iters):
+            with PeakMemory(device) as memory, timer("image"):
+                features, tokens = encode_images(clip, batch["image"], args.layers, device,
+                                                 args.precision)
+            peaks["image"] = max(peaks["image"], memory.peak)
+            before = before or memory.before
+            for cut_text in (True, False):
+                key = "cut" if cut_text else "full"
+                with PeakMemory(device) as memory, timer(key):
+                    module_step(cut_text, features, tokens, i % model.prompt_num)
+                peaks[key] = max(peaks[key], memory.peak)
+    finally:
+        model.cut_text = True
+    sequences = {}
+    for cut_text in (True, False):
+        model.cut_text = cut_text
+        sequences[cut_text] = model.text_work(model.class_tokens(batch["cls_name"]),
+                                         model.prompt_num)                  # R = 1
+    model.cut_text = True
+    return {"image": timer.median("image"), "cut": timer.median("cut"),
+            "full": timer.median("full"), "peaks": peaks, "before": before,
+            "scope": memory.scope, "text_work": sequences}
+
+
+def report(args: argparse.Namespace, device: torch.device, result: dict) -> None:
+    image, cut, full = result["image"], result["cut"], result["full"]
+    peaks = result["peaks"]
+    rows = [["text cut (default)", image, cut, image + cut, max(peaks["image"], peaks["cut"])],
+            ["text at 77 positions", image, full, image + full,
+             max(peaks["image"], peaks["full"])],
+            ["ratio cut / full", None, cut / full, (image + cut) / (image + full), None]]
+    print(f"{args.geometry} at {args.image_size} px, layers {' '.join(map(str, args.layers))}, "
+          f"stage {args.stage}, batch {args.batch_size}, {args.precision}, median of "
+          f"{args.iters} (after {args.warmup} warm-up step(s) of each kind)")
+    print(machine_line(device))
+    print(tabulate(rows, headers=["", "(a) image tower s", "(b) Bayes-PFL step s",
+                                  "whole step s", "peak MiB"],
+                   floatfmt=("", ".3f", ".3f", ".3f", ".0f"), missingval=""))
+    print(f"peak memory: {result['scope']}; {result['before']:.0f} MiB before the timed calls "
+          "(weights, inputs, optimiser state)")
+    for key, label in ((True, "cut"), (False, "77 positions")):
+        sequences, positions = result["text_work"][key]
+        print(f"text tower per image ({label}): {sequences} sequences x {positions} positions "
+              f"= {sequences * positions}")
+    print(f"(b) share of the whole step: {100 * cut / (image + cut):.1f}% cut, "
+          f"{100 * full / (image + full):.1f}% at 77 positions")
+
+
+def main(argv=None) -> int:
+    p = get_parser()
+    args = p.parse_args(argv)
+    device = check_args(p, args)
+    report(args, device, run(args, device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
