@@ -286,9 +286,12 @@ def warn(message: str) -> None:
 
 def load_detector(args):
     """The detector of the run (weights checked and loaded once)."""
+    import torch
+
     from models import AnomalyDetector
     from utils.misc import resolve_device
 
+    torch.backends.cuda.matmul.allow_tf32 = bool(getattr(args, "tf32", False))
     return AnomalyDetector.from_files(
         args.pretrained_path, args.checkpoint_path, image_size=args.image_size,
         device=resolve_device(args.device), sample_num=args.sample_num,
@@ -436,6 +439,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="images per forward (one class per batch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     p.add_argument("--activation", default="gelu", choices=["gelu", "quick_gelu"],
                    help="CLIP MLP activation (the released checkpoints use exact GELU)")
     limit = p.add_mutually_exclusive_group()

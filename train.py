@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
     a("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
       help="autocast around the frozen CLIP and the module (fp16 on CUDA uses a GradScaler)")
+    a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     a("--activation", choices=("gelu", "quick_gelu"), default=d.activation,
       help="CLIP MLP activation (the official code and checkpoints use exact GELU)")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",

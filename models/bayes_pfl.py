@@ -34,15 +34,17 @@ def prompt_class_name(name: str) -> str:
     return CLASS_NAME_MAP.get(name, name).lower()
 
 
-def packed_pair_layout(t: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_pair_layout(t: int, prefix: int, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layout of two sequences of t positions that share their first ``prefix`` positions,
     packed as [prefix, rest of the first, rest of the second] (2t - prefix slots).
 
     Returns the position index of each slot [2t - prefix] and the attention mask
     [2t - prefix, 2t - prefix] (True: may attend): causal within each sequence, the second's
-    slots never seeing the first's own."""
-    positions = torch.cat([torch.arange(t), torch.arange(prefix, t)])
-    slot = torch.arange(positions.numel())
+    slots never seeing the first's own. Built on ``device`` (no host-device copy)."""
+    positions = torch.cat([torch.arange(t, device=device),
+                           torch.arange(prefix, t, device=device)])
+    slot = torch.arange(positions.numel(), device=device)
     part = (slot >= t).long() - (slot < prefix).long()         # -1 shared, 0 first, 1 second
     causal = positions[None, :] <= positions[:, None]
     visible = (part[None, :] == -1) | (part[None, :] == part[:, None])
@@ -278,11 +280,10 @@ class BayesPFL(nn.Module):
             pairs[:, 0, :, p:], tail,                           # normal states, name, EOT...
             pairs[:, 1, :, p:], tail,                           # abnormal states, name, EOT...
         ], dim=2)                                               # [B, n, 1 + P + 2s, W]
-        positions, mask = packed_pair_layout(t, 1 + p)
+        positions, mask = packed_pair_layout(t, 1 + p, dev)
         read = torch.stack([eot, eot + s], dim=1)               # [B, 2] normal, abnormal EOT
         feats = clip.encode_text_embeddings(seq.flatten(0, 1), read.repeat_interleave(n_per, 0),
-                                            positions=positions.to(dev),
-                                            attn_mask=mask.to(dev, non_blocking=True))
+                                            positions=positions, attn_mask=mask)
         feats = F.normalize(feats, dim=-1).reshape(b, *lead, 2, -1)  # [B, ..., 2, D]
         return feats.movedim(-2, 1)                             # [B, 2, ..., D]
 
@@ -358,7 +359,7 @@ class BayesPFL(nn.Module):
             samples = self.sample(image_features, noise["context"], noise["normal"],
                                   noise["abnormal"])
             text = self.text_embeddings(clip, samples, class_names)   # [B, 2N, D] (R = 1)
-            pair = text[:, [i, n + i]]                                 # [B, 2, D]
+            pair = text[:, i::n]                   # [B, 2, D]: prompts i and N + i (a view)
         logits = self.image_logits(image_features, tokens, pair, stage)  # [B, 2]
         out = {"image_logits": logits,
                "loss_ce": F.cross_entropy(logits, labels.long())}

@@ -169,3 +169,66 @@ def test_lower_precision_leaves_fp32_untouched(tiny):
         assert torch.equal(before[key], after[key])
         assert before[key].dtype == bf16[key].dtype == torch.float32
         assert (before[key] - bf16[key]).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU readiness: the per-batch work makes no host-device synchronisation
+
+def test_training_pair_slice_is_prompts_i_and_n_plus_i():
+    text = torch.randn(2, 6, 4)
+    for i in range(3):
+        assert torch.equal(text[:, i::3], text[:, [i, 3 + i]])
+
+
+def test_running_losses_show_at_once_on_cpu():
+    from utils.training import RunningLosses
+
+    class Bar:
+        postfix = None
+
+        def set_postfix(self, values):
+            self.postfix = values
+
+    bar = Bar()
+    display = RunningLosses(bar, torch.device("cpu"))
+    display.update({"loss": torch.tensor(3.0), "loss_ce": torch.tensor(1.5)}, 3)
+    assert bar.postfix == {"loss": "1.0000", "ce": "0.5000"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_sync_in_inference_and_training_step(tiny_files):
+    from utils.training import (RunningLosses, TrainConfig, TrainingStep, encode_images,
+                                make_optimizer, optimisation_step, set_trainable)
+
+    clip_path, ckpt = tiny_files
+    device = torch.device("cuda")
+    clip = load_clip(clip_path, image_size=32, device=device)
+    model = BayesPFL.from_clip(clip, layers=LAYERS)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["MyModel"])
+    det = AnomalyDetector(clip, model.eval(), 32, sample_num=2, stage=2, layers=LAYERS)
+    images = torch.randn(2, 3, 32, 32, device=device)
+    names = ["bottle", "pcb1"]
+    masks = torch.zeros(2, 1, 32, 32, device=device)
+    masks[0, :, 4:12, 4:12] = 1
+    labels = torch.tensor([1, 0], device=device)
+    set_trainable(model, 1)
+    optimizer = make_optimizer(model, TrainConfig(), 1)
+    step = TrainingStep(model.train(), clip)
+
+    def work():
+        det.predict(images, names)
+        feats, tokens = encode_images(clip, images, LAYERS, device)
+        return optimisation_step(step, optimizer, None, feats, tokens, names, labels, masks, 1,
+                                 1, device)
+
+    try:
+        work()                                  # first calls: caches, optimiser state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        losses = work()
+        RunningLosses(type("Bar", (), {"set_postfix": lambda self, v: None})(), device
+                      ).update(losses, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        set_trainable(model, None)
+        model.eval()

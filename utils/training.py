@@ -120,6 +120,7 @@ class TrainConfig:
     device_id: int | None = None
     num_workers: int = 4
     precision: str = "fp32"
+    tf32: bool = False                     # allow TF32 matmuls on CUDA
     activation: str = "gelu"
     resume: str | None = None
     val_dataset: str | None = None
@@ -482,7 +483,7 @@ def optimisation_step(forward: nn.Module, optimizer: torch.optim.Optimizer,
     no synchronisation)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
-        out = forward(image_features, tokens, class_names, labels.to(device),
+        out = forward(image_features, tokens, class_names, labels.to(device, non_blocking=True),
                       masks.to(device, non_blocking=True), prompt_index, stage, noise)
     loss = out["loss"]
     if scaler is not None and scaler.is_enabled():
@@ -608,6 +609,38 @@ def read_resume_state(path: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+class RunningLosses:
+    """Running mean losses on a progress bar, without making the host wait for the device:
+    each update copies the sums to the host without blocking (on CUDA, into pinned memory,
+    with an event recorded after the copy) and shows the latest copy that has arrived, so the
+    figures may lag one update behind. On the CPU they are shown at once."""
+
+    def __init__(self, bar, device: torch.device):
+        self.bar = bar
+        self.device = device
+        self.pending: list[tuple[list[str], torch.Tensor, int, Any]] = []
+
+    def update(self, sums: dict[str, torch.Tensor], count: int) -> None:
+        keys = list(sums)
+        values = torch.stack([sums[k] for k in keys]).detach()
+        if self.device.type != "cuda":
+            self._show(keys, values, count)
+            return
+        event = torch.cuda.Event()
+        host = values.to("cpu", non_blocking=True)
+        event.record()
+        self.pending.append((keys, host, count, event))
+        ready = None
+        while self.pending and self.pending[0][3].query():   # query() does not wait
+            ready = self.pending.pop(0)
+        if ready is not None:
+            self._show(*ready[:3])
+
+    def _show(self, keys: list[str], values: torch.Tensor, count: int) -> None:
+        self.bar.set_postfix({k.replace("loss_", ""): f"{v / count:.4f}"
+                              for k, v in zip(keys, values.tolist())})
+
+
 def _progress(progress: Callable | None, iterable, desc: str, **kwargs):
     if progress is None:
         return iterable
@@ -629,6 +662,7 @@ class Trainer:
         self.callback = callback
         self.progress = progress
         self.device = resolve_device(config.device, config.device_id)
+        torch.backends.cuda.matmul.allow_tf32 = bool(config.tf32)
         info = dist_utils.env_info()
         if info.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", info.local_rank)
@@ -735,7 +769,7 @@ class Trainer:
         saved = state["config"]
         differs = {k: (saved.get(k), v) for k, v in self.config.to_dict().items()
                    if k not in ("resume", "stop_after", "device", "device_id", "num_workers",
-                                "print_freq") and saved.get(k) != v}
+                                "print_freq", "tf32") and saved.get(k) != v}
         if differs:
             self.info("resuming with settings that differ from the saved run (saved -> now): "
                       + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items()))
@@ -778,6 +812,7 @@ class Trainer:
         count = 0
         bar = _progress(self.progress if self.main else None, self.loader,
                         f"epoch {epoch}/{cfg.epochs} stage {stage}", total=self.steps_per_epoch)
+        display = RunningLosses(bar, device) if hasattr(bar, "set_postfix") else None
         for step, batch in enumerate(bar):
             if "global" in batch:                                  # cached features
                 g = batch["global"].to(device, non_blocking=True)
@@ -794,9 +829,8 @@ class Trainer:
             count += 1
             for k, v in losses.items():
                 sums[k] += v
-            if cfg.print_freq and (step + 1) % cfg.print_freq == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix({k.replace("loss_", ""): f"{float(v) / count:.4f}"
-                                 for k, v in sums.items() if k in losses})
+            if cfg.print_freq and (step + 1) % cfg.print_freq == 0 and display is not None:
+                display.update({k: v for k, v in sums.items() if k in losses}, count)
         if hasattr(bar, "close"):
             bar.close()
         keys = [k for k in LOSS_KEYS if stage == 1 or k in ("loss", "loss_ce")]
