@@ -46,6 +46,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=2, choices=[1, 2])
     p.add_argument("--no_compare", action="store_true",
                    help="with a lower precision, skip the comparison with fp32")
+    p.add_argument("--text", default="packed", choices=["packed", "cut", "full"],
+                   help="text tower: normal/abnormal pairs packed with their shared prefix "
+                        "(default), one sequence per prompt cut after the last end token, or "
+                        "one sequence per prompt at all 77 positions")
     return p
 
 
@@ -84,6 +88,8 @@ def compare_with_fp32(det: AnomalyDetector, images: torch.Tensor, names: list[st
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     clip, model = build_models(args, device)
     model.eval()
+    model.cut_text = args.text != "full"
+    model.share_prefix = args.text == "packed"
     det = AnomalyDetector(clip, model, image_size=args.image_size, sample_num=args.sample_num,
                           stage=args.stage, layers=args.layers, precision=args.precision)
     g = torch.Generator().manual_seed(args.seed)
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                                            * args.sample_num)
     result = {"parts": {key: timer.median(key) for _, key in PARTS},
               "predict": timer.median("predict"), "memory": memory,
-              "text_work": (sequences, positions)}
+              "text_work": (sequences, positions), "names": names}
     if args.precision != "fp32" and not args.no_compare:
         result["diff"] = compare_with_fp32(det, images, names, args.seed)
     return result
@@ -123,7 +129,8 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
     rows.append(["predict (end to end)", result["predict"], result["predict"] / b, None])
     print(f"{args.geometry} at {args.image_size} px, layers {' '.join(map(str, args.layers))}, "
           f"R {args.sample_num}, N {args.prompt_num}, stage {args.stage}, batch {b}, "
-          f"{args.precision}, median of {args.iters} (after {args.warmup} warm-up)")
+          f"{args.precision}, text {args.text}, median of {args.iters} (after {args.warmup} "
+          "warm-up)")
     print(machine_line(device))
     print(tabulate(rows, headers=["part", "s / batch", "s / image", "% of parts"],
                    floatfmt=("", ".3f", ".3f", ".1f"), missingval=""))
@@ -136,8 +143,8 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
     plain = 2 * args.prompt_num * args.sample_num * 77
     print(f"text tower work per image: {sequences} sequences x {positions} positions = "
           f"{sequences * positions} = {100 * sequences * positions / plain:.1f}% of "
-          f"{2 * args.prompt_num * args.sample_num} x 77 (class names: "
-          f"{', '.join(sorted(set(args.class_name)))})")
+          f"{2 * args.prompt_num * args.sample_num} x 77 (class names of the batch: "
+          f"{', '.join(sorted(set(result['names'])))})")
     if "diff" in result:
         score, amap = result["diff"]
         print(f"{args.precision} vs fp32, same inputs and noise: max abs difference "

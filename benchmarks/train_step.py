@@ -7,7 +7,8 @@
 A step is (a) the frozen image tower, without gradients (``utils.training.encode_images``), then
 (b) the Bayes-PFL step (``utils.training.optimisation_step``: ``training_forward``, backward,
 Adam step), as ``Trainer.train_epoch`` runs them. (b) is timed with the text tower cut after the
-last end token (the default, with the shared-prefix packing) and with all 77 positions
+last end token (the default, normal/abnormal pairs packed with their shared prefix), cut but
+one sequence per prompt (``model.share_prefix = False``), and with all 77 positions
 (``model.cut_text = False``: the plain computation); (a) does not depend on it and is timed once
 per repetition.
 """
@@ -63,6 +64,16 @@ def make_batch(args: argparse.Namespace) -> dict:
     return {"image": images, "mask": masks, "label": labels, "cls_name": names}
 
 
+# text mode -> (cut_text, share_prefix, label)
+MODES = {"cut": (True, True, "text cut (default, shared prefix packed)"),
+         "cut_unpacked": (True, False, "text cut, one sequence per prompt"),
+         "full": (False, False, "text at 77 positions")}
+
+
+def set_mode(model, mode: str) -> None:
+    model.cut_text, model.share_prefix = MODES[mode][:2]
+
+
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     clip, model = build_models(args, device)
     model.train()
@@ -72,11 +83,12 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     batch = make_batch(args)
     masks = batch["mask"].to(device)
     timer = Timer(device)
-    peaks = {"image": 0.0, "cut": 0.0, "full": 0.0}
+    peaks = dict.fromkeys(["image", *MODES], 0.0)
     before = 0.0
+    scope = ""
 
-    def module_step(cut: bool, features, tokens, index: int) -> None:
-        model.cut_text = cut
+    def module_step(mode: str, features, tokens, index: int) -> None:
+        set_mode(model, mode)
         optimisation_step(step, optimizer, None, features, tokens, batch["cls_name"],
                           batch["label"], masks, index, args.stage, device, args.precision)
 
@@ -84,39 +96,37 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         features, tokens = encode_images(clip, batch["image"], args.layers, device,
                                          args.precision)
         for i in range(args.warmup):
-            for cut_text in (True, False):
-                module_step(cut_text, features, tokens, i % model.prompt_num)
+            for mode in MODES:
+                module_step(mode, features, tokens, i % model.prompt_num)
         for i in range(args.iters):
             with PeakMemory(device) as memory, timer("image"):
                 features, tokens = encode_images(clip, batch["image"], args.layers, device,
                                                  args.precision)
             peaks["image"] = max(peaks["image"], memory.peak)
-            before = before or memory.before
-            for cut_text in (True, False):
-                key = "cut" if cut_text else "full"
-                with PeakMemory(device) as memory, timer(key):
-                    module_step(cut_text, features, tokens, i % model.prompt_num)
-                peaks[key] = max(peaks[key], memory.peak)
-    finally:
-        model.cut_text = True
-    sequences = {}
-    for cut_text in (True, False):
-        model.cut_text = cut_text
-        sequences[cut_text] = model.text_work(model.class_tokens(batch["cls_name"]),
+            before, scope = before or memory.before, memory.scope
+            for mode in MODES:
+                with PeakMemory(device) as memory, timer(mode):
+                    module_step(mode, features, tokens, i % model.prompt_num)
+                peaks[mode] = max(peaks[mode], memory.peak)
+        work = {}
+        for mode in MODES:
+            set_mode(model, mode)
+            work[mode] = model.text_work(model.class_tokens(batch["cls_name"]),
                                          model.prompt_num)                  # R = 1
-    model.cut_text = True
-    return {"image": timer.median("image"), "cut": timer.median("cut"),
-            "full": timer.median("full"), "peaks": peaks, "before": before,
-            "scope": memory.scope, "text_work": sequences}
+    finally:
+        set_mode(model, "cut")
+    return {"image": timer.median("image"), "steps": {m: timer.median(m) for m in MODES},
+            "peaks": peaks, "before": before, "scope": scope, "text_work": work}
 
 
 def report(args: argparse.Namespace, device: torch.device, result: dict) -> None:
-    image, cut, full = result["image"], result["cut"], result["full"]
-    peaks = result["peaks"]
-    rows = [["text cut (default)", image, cut, image + cut, max(peaks["image"], peaks["cut"])],
-            ["text at 77 positions", image, full, image + full,
-             max(peaks["image"], peaks["full"])],
-            ["ratio cut / full", None, cut / full, (image + cut) / (image + full), None]]
+    image, steps, peaks = result["image"], result["steps"], result["peaks"]
+    rows = [[MODES[m][2], image, steps[m], image + steps[m], max(peaks["image"], peaks[m])]
+            for m in MODES]
+    full = steps["full"]
+    for m in ("cut", "cut_unpacked"):
+        rows.append([f"ratio {m.replace('_', ' ')} / full", None, steps[m] / full,
+                     (image + steps[m]) / (image + full), None])
     print(f"{args.geometry} at {args.image_size} px, layers {' '.join(map(str, args.layers))}, "
           f"stage {args.stage}, batch {args.batch_size}, {args.precision}, median of "
           f"{args.iters} (after {args.warmup} warm-up step(s) of each kind)")
@@ -126,12 +136,12 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
                    floatfmt=("", ".3f", ".3f", ".3f", ".0f"), missingval=""))
     print(f"peak memory: {result['scope']}; {result['before']:.0f} MiB before the timed calls "
           "(weights, inputs, optimiser state)")
-    for key, label in ((True, "cut"), (False, "77 positions")):
-        sequences, positions = result["text_work"][key]
-        print(f"text tower per image ({label}): {sequences} sequences x {positions} positions "
-              f"= {sequences * positions}")
-    print(f"(b) share of the whole step: {100 * cut / (image + cut):.1f}% cut, "
-          f"{100 * full / (image + full):.1f}% at 77 positions")
+    for m in MODES:
+        sequences, positions = result["text_work"][m]
+        print(f"text tower per image, {MODES[m][2]}: {sequences} sequences x {positions} "
+              f"positions = {sequences * positions}")
+    print(f"(a) is {100 * image / (image + steps['cut']):.1f}% of the default step; with (b) "
+          f"free the whole-step ratio would still be {image / (image + full):.3f}")
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,9 @@ def test_inference_tiny_fp32(capsys):
     # N 3 x R 2 = 6 pairs; "pcb1" is the longest text: [SOS] + 5 + 2 x (5 + 3 + 1) positions
     assert "text tower work per image: 6 sequences x 24 positions = 144" in out
     assert "vs fp32" not in out
+    assert inference.main(TINY + ["--sample_num", "2", "--class_name", "bottle", "pcb1",
+                                  "--batch_size", "2", "--text", "cut"]) == 0
+    assert "12 sequences x 15 positions" in capsys.readouterr().out
 
 
 def test_inference_tiny_bf16_compares_with_fp32(capsys):
@@ -40,10 +43,12 @@ def test_inference_tiny_bf16_compares_with_fp32(capsys):
 def test_train_step_tiny(capsys):
     assert train_step.main(TINY + ["--batch_size", "2"]) == 0
     out = capsys.readouterr().out
-    for part in ("text cut (default)", "text at 77 positions", "ratio cut / full",
+    for part in ("text cut (default, shared prefix packed)", "one sequence per prompt",
+                 "text at 77 positions", "ratio cut / full", "ratio cut unpacked / full",
                  "(a) image tower s", "(b) Bayes-PFL step s"):
         assert part in out, part
-    assert "text tower per image (77 positions): 6 sequences x 77 positions" in out
+    assert "text at 77 positions: 6 sequences x 77 positions = 462" in out
+    assert "shared prefix packed): 3 sequences x 20 positions = 60" in out
 
 
 @NO_CUDA
