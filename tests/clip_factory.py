@@ -76,3 +76,23 @@ def write_tiny_checkpoints(directory, seed=0, image_size=32, layers=TINY_LAYERS,
     ckpt_path = os.path.join(str(directory), "bayes_tiny.pth")
     torch.save({"MyModel": model.state_dict()}, ckpt_path)
     return clip_path, ckpt_path
+
+
+def load_tiny(files, layers=TINY_LAYERS, image_size=32):
+    """(clip, model in eval mode) from the (clip_path, checkpoint_path) of
+    ``write_tiny_checkpoints``."""
+    from models import BayesPFL, load_clip
+
+    clip_path, ckpt = files
+    clip = load_clip(clip_path, image_size=image_size)
+    model = BayesPFL.from_clip(clip, layers=layers)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["MyModel"])
+    return clip, model.eval()
+
+
+def standard_noise(r, b, d, seed):
+    """Standard-normal draws in the detector's noise format, from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return {"context": torch.randn(r, b, d, generator=g),
+            "normal": torch.randn(r, 1, d, generator=g),
+            "abnormal": torch.randn(r, 1, d, generator=g)}

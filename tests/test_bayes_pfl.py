@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from models import AnomalyDetector, BayesPFL, load_clip
 from models.losses import dice_loss, focal_loss, orthogonality_loss
 from models.prompt_flow import kl_term, planar_flows
+from tests.clip_factory import load_tiny, standard_noise
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 LAYERS = [1, 2, 3, 4]
@@ -30,18 +31,10 @@ def golden():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_files):
-    clip_path, ckpt = tiny_files
-    clip = load_clip(clip_path, image_size=32)
-    model = BayesPFL.from_clip(clip, layers=LAYERS)
-    model.load_state_dict(torch.load(ckpt, weights_only=True)["MyModel"])
-    return clip, model.eval()
+    return load_tiny(tiny_files, layers=LAYERS)
 
 
-def _noise(r, b, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(r, b, d, generator=g),
-            "normal": torch.randn(r, 1, d, generator=g),
-            "abnormal": torch.randn(r, 1, d, generator=g)}
+_noise = standard_noise
 
 
 # ---------------------------------------------------------------------------------------------

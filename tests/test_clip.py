@@ -183,7 +183,7 @@ def test_geometry_inference_on_meta(name):
     assert g.vision_heads == vw // 64 and g.text_heads == tw // 64
     assert g.native_image_size == {"ViT-B-16": 224, "ViT-L-14": 224, "ViT-L-14-336": 336}[name]
     with torch.device("meta"):
-        from models.clip import CLIP, check_state_dict
+        from models.clip import CLIP
         model = CLIP(g, image_size=518 if patch == 14 else 512)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     want = {k: tuple(v) for k, v in clip_shapes(vision_width=vw, vision_layers=vl, patch=patch,

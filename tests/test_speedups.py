@@ -5,6 +5,7 @@ import torch
 
 from models import AnomalyDetector, BayesPFL, load_clip
 from models.bayes_pfl import packed_pair_layout
+from tests.clip_factory import load_tiny, standard_noise
 
 LAYERS = [1, 2, 3, 4]
 NAMES = ["bottle", "metal_nut", "pcb1", "a very long class name with many words"]
@@ -12,18 +13,10 @@ NAMES = ["bottle", "metal_nut", "pcb1", "a very long class name with many words"
 
 @pytest.fixture(scope="module")
 def tiny(tiny_files):
-    clip_path, ckpt = tiny_files
-    clip = load_clip(clip_path, image_size=32)
-    model = BayesPFL.from_clip(clip, layers=LAYERS)
-    model.load_state_dict(torch.load(ckpt, weights_only=True)["MyModel"])
-    return clip, model.eval()
+    return load_tiny(tiny_files, layers=LAYERS)
 
 
-def _noise(r, b, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(r, b, d, generator=g),
-            "normal": torch.randn(r, 1, d, generator=g),
-            "abnormal": torch.randn(r, 1, d, generator=g)}
+_noise = standard_noise
 
 
 class _Mode:
@@ -197,8 +190,15 @@ def test_running_losses_show_at_once_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_sync_in_inference_and_training_step(tiny_files):
-    from utils.training import (RunningLosses, TrainConfig, TrainingStep, encode_images,
-                                make_optimizer, optimisation_step, set_trainable)
+    from utils.training import (
+        RunningLosses,
+        TrainConfig,
+        TrainingStep,
+        encode_images,
+        make_optimizer,
+        optimisation_step,
+        set_trainable,
+    )
 
     clip_path, ckpt = tiny_files
     device = torch.device("cuda")
