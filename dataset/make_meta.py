@@ -28,11 +28,11 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from dataset.converters import mvtec, visa  # noqa: E402
 from dataset.converters.common import (DatasetError, find_dir, list_dirs, list_files,  # noqa: E402
                                        require_dir)
+from dataset.data import CLASSIFICATION_ONLY  # noqa: E402
 
 DEFAULT_DATA_ROOT = Path("dataset") / "mvisa" / "data"
 FIXED_CLASSES = {mvtec.NAME: mvtec.CLASSES, visa.NAME: visa.CLASSES}
 # Datasets without ground truth: their mask paths are written but the files do not exist.
-CLASSIFICATION_ONLY = ("HeadCT", "BrainMRI", "Br35H")
 PHASES = ("train", "test")
 
 

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.protocol import CLASSIFICATION_ONLY, evaluate_class, gaussian_smooth, summarise
+from utils.protocol import (CLASSIFICATION_ONLY, COLUMNS, evaluate_class, gaussian_smooth,
+                            summarise)
 
-COLUMNS = ["auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "auroc_sp", "ap_sp", "f1_sp",
-           "threshold"]
 
 
 @dataclass
@@ -34,12 +33,13 @@ class ClassOutputs:
     species: list[str] = field(default_factory=list)
 
 
-def iterate_classes(detector, loader, progress: bool = True) -> Iterator[ClassOutputs]:
+def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
+                    leave: bool = True) -> Iterator[ClassOutputs]:
     """Run the detector over a loader whose samples come class after class (as
     ``AnomalyDataset`` orders them) and yield each class's outputs once it is complete."""
     current: dict | None = None
-    bar = tqdm(total=len(loader.dataset), desc="test", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress,
+               dynamic_ncols=True, leave=leave)
 
     def finish(c: dict) -> ClassOutputs:
         return ClassOutputs(
@@ -160,7 +160,7 @@ def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
     os.makedirs(save_path, exist_ok=True)
     with open(os.path.join(save_path, f"results_{dataset_name}.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class"] + COLUMNS)
+        w.writerow(["class", *COLUMNS])
         for name, row in list(rows.items()) + [("mean", mean_row)]:
             w.writerow([name] + ["" if row.get(k) is None else f"{row[k]:.6f}" for k in COLUMNS])
     with open(os.path.join(save_path, f"results_{dataset_name}.json"), "w") as f:

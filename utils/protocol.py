@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
+from dataset.data import CLASSIFICATION_ONLY
 from utils.metrics import (
     aupro,
     aupro_official,
@@ -26,7 +27,6 @@ from utils.metrics import (
 TOPK_20_CLASSES = frozenset(
     {"capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"}
 )
-CLASSIFICATION_ONLY = frozenset({"HeadCT", "BrainMRI", "Br35H"})
 
 PIXEL_METRICS = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "threshold")
 IMAGE_METRICS = ("auroc_sp", "ap_sp", "f1_sp")

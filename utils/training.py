@@ -61,6 +61,7 @@ from dataset.data import AnomalyDataset, DatasetError, load_meta, make_loader
 from models import AnomalyDetector, BayesPFL, load_clip
 from utils import distributed as dist_utils
 from utils.checkpoint import atomic_save, save_checkpoint
+from utils.evaluate import iterate_classes
 from utils.metrics import average_precision
 from utils.misc import autocast, resolve_device, set_seed
 
@@ -523,37 +524,25 @@ def validate(clip, model: BayesPFL, loader: Iterable[dict], config: TrainConfig,
     detector = AnomalyDetector(clip, model, config.image_size, config.sample_num, stage,
                                config.features_list, precision=config.precision)
     detector.reset_samples()
-    maps: dict[str, list[torch.Tensor]] = {}
-    masks: dict[str, list[torch.Tensor]] = {}
-    scores: dict[str, list[torch.Tensor]] = {}
-    labels: dict[str, list[int]] = {}
+    per_class: dict[str, dict[str, float | None]] = {}
+    skipped: list[str] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for batch in _progress(progress, loader, "validation", leave=False):
-            out = detector.predict(batch["image"], list(batch["cls_name"]))
-            amap = out["anomaly_map"].float().cpu()
-            score = out["image_score"].float().cpu()
-            for i, name in enumerate(batch["cls_name"]):
-                maps.setdefault(name, []).append(amap[i])
-                masks.setdefault(name, []).append(batch["mask"][i, 0] > 0.5)
-                scores.setdefault(name, []).append(score[i])
-                labels.setdefault(name, []).append(int(batch["label"][i]))
-    per_class: dict[str, dict[str, float | None]] = {}
-    skipped: list[str] = []
-    for name in sorted(maps):
-        gt = torch.stack(masks[name])
-        y = np.asarray(labels[name])
-        pixel = image = None
-        if gt.any() and not gt.all():
-            pixel = average_precision(gt, torch.stack(maps[name]))
-        else:
-            skipped.append(f"class {name}: no anomalous pixels, left out of the mean pixel AP")
-        if 0 < y.sum() < len(y):
-            image = average_precision(y, torch.stack(scores[name]))
-        else:
-            skipped.append(f"class {name}: one image label only, left out of the mean image AP")
-        per_class[name] = {"pixel_ap": pixel, "image_ap": image}
+        for out in iterate_classes(detector, loader, progress=progress is not None,
+                                   desc="validation", leave=False):
+            pixel = image = None
+            if out.masks.any() and not out.masks.all():
+                pixel = average_precision(out.masks, out.maps)
+            else:
+                skipped.append(f"class {out.name}: no anomalous pixels, left out of the mean "
+                               "pixel AP")
+            if 0 < out.labels.sum() < len(out.labels):
+                image = average_precision(out.labels, out.text_scores)
+            else:
+                skipped.append(f"class {out.name}: one image label only, left out of the mean "
+                               "image AP")
+            per_class[out.name] = {"pixel_ap": pixel, "image_ap": image}
     pixel_ap = _mean([v["pixel_ap"] for v in per_class.values() if v["pixel_ap"] is not None])
     image_ap = _mean([v["image_ap"] for v in per_class.values() if v["image_ap"] is not None])
     return ValidationResult(pixel_ap, image_ap, per_class, skipped)
