@@ -301,29 +301,37 @@ def _hole(rng, image, background, region, size):
     return mask, np.clip(tone * shading, 0, 255)
 
 
+def _random_walk(rng, start, direction, steps, turn_sd, step_range, size):
+    """A jagged polyline: each step turns by N(0, turn_sd) and advances by a uniform fraction
+    of the image size. Returns the points and the final direction."""
+    x, y = start
+    points = [(x, y)]
+    for _ in range(steps):
+        direction += rng.normal(0, turn_sd)
+        step = size * rng.uniform(*step_range)
+        x, y = x + step * math.cos(direction), y + step * math.sin(direction)
+        points.append((x, y))
+    return points, direction
+
+
+def _draw_polyline(canvas, points, thickness):
+    cv2.polylines(canvas, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], False, 255,
+                  thickness, lineType=cv2.LINE_8)
+
+
 def _crack(rng, image, background, region, size):
     canvas = np.zeros((size, size), np.uint8)
     thickness = max(2, int(round(0.012 * size)))
-    x, y = _random_point(rng, region)
+    start = _random_point(rng, region)
     direction = rng.uniform(0, 2 * np.pi)
-    points = [(x, y)]
-    for _ in range(int(rng.integers(7, 12))):
-        direction += rng.normal(0, 0.6)
-        step = size * rng.uniform(0.04, 0.07)
-        x, y = x + step * math.cos(direction), y + step * math.sin(direction)
-        points.append((x, y))
-    cv2.polylines(canvas, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], False, 255,
-                  thickness, lineType=cv2.LINE_8)
-    bx, by = points[int(rng.integers(1, len(points) - 1))]
+    points, direction = _random_walk(rng, start, direction, int(rng.integers(7, 12)), 0.6,
+                                     (0.04, 0.07), size)
+    _draw_polyline(canvas, points, thickness)
+    fork = points[int(rng.integers(1, len(points) - 1))]
     branch_direction = direction + rng.choice((-1, 1)) * rng.uniform(0.6, 1.2)
-    branch = [(bx, by)]
-    for _ in range(int(rng.integers(2, 4))):
-        branch_direction += rng.normal(0, 0.5)
-        step = size * rng.uniform(0.03, 0.05)
-        bx, by = bx + step * math.cos(branch_direction), by + step * math.sin(branch_direction)
-        branch.append((bx, by))
-    cv2.polylines(canvas, [np.round(branch).astype(np.int32).reshape(-1, 1, 2)], False, 255,
-                  max(1, thickness - 1), lineType=cv2.LINE_8)
+    branch, _ = _random_walk(rng, fork, branch_direction, int(rng.integers(2, 4)), 0.5,
+                             (0.03, 0.05), size)
+    _draw_polyline(canvas, branch, max(1, thickness - 1))
     mask = (canvas > 0) & region
     tone = _contrast_tone(rng, image, mask, 100)
     return mask, np.broadcast_to(tone, image.shape)
