@@ -405,15 +405,20 @@ class AnomalyDataset(Dataset):
 
     # -- reading files ---------------------------------------------------------------------
 
-    def _read_image(self, path: str, size: tuple[int, int]) -> np.ndarray:
+    @staticmethod
+    def _open_resized(path: str, size: tuple[int, int], resize, what: str) -> np.ndarray:
+        """``resize(PIL image, size)`` of the file, or a DatasetError naming it."""
         try:
             with Image.open(path) as handle:
-                return _resize_rgb(handle, size)
+                return resize(handle, size)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise DatasetError(
-                f"Cannot read image {path} ({type(error).__name__}: {error}); check the file or "
+                f"Cannot read {what} {path} ({type(error).__name__}: {error}); check the file or "
                 f"convert the dataset again with dataset/make_dataset.py."
             ) from None
+
+    def _read_image(self, path: str, size: tuple[int, int]) -> np.ndarray:
+        return self._open_resized(path, size, _resize_rgb, "image")
 
     def _read_mask(self, sample: dict, size: tuple[int, int]) -> np.ndarray:
         """uint8 {0, 255} [H, W]; zeros for normal samples and classification-only data."""
@@ -430,14 +435,7 @@ class AnomalyDataset(Dataset):
                 f"Mask file {path} of anomalous image {sample['img_path']} not found; convert the "
                 f"dataset again, or pass classification_only=True for data without masks."
             )
-        try:
-            with Image.open(path) as handle:
-                return _resize_mask(handle, size)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise DatasetError(
-                f"Cannot read mask {path} ({type(error).__name__}: {error}); check the file or "
-                f"convert the dataset again with dataset/make_dataset.py."
-            ) from None
+        return self._open_resized(path, size, _resize_mask, "mask")
 
     def load_arrays(self, index: int, size: tuple[int, int] | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
