@@ -1,7 +1,7 @@
 """The demo learns: zero-shot pixel AUROC on unseen synthetic categories clearly above chance.
 
 Runs the real demo (about 2-3 minutes on 2 CPU cores). With the default seed the figure is
-about 68 (mesh ~53, ring ~66, wood ~86); the assertion leaves a wide margin for
+about 66 (mesh ~40, ring ~72, wood ~87); the assertion leaves a wide margin for
 floating-point differences between machines."""
 
 import json
