@@ -50,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prompt_num", type=int, default=d.prompt_num, help="prompt bank size")
     a("--prompt_state_len", type=int, default=d.prompt_state_len)
     a("--learning_rate", type=float, default=d.learning_rate,
-      help="stage 1: parameters outside the prompt, temperature and PFL groups")
+      help="accepted for compatibility and has no effect, as in the official code (every "
+           "group sets its own lr; the 'rest' group uses --learning_rate_linear)")
     a("--learning_rate_PFL", type=float, default=d.learning_rate_PFL,
       help="stage 1: names with PFL but neither encoder nor decoder")
     a("--learning_rate_prompt", type=float, default=d.learning_rate_prompt,
       help="stage 1: the prompt bank")
     a("--learning_rate_linear", type=float, default=d.learning_rate_linear,
-      help="stage 2: class_mapping, image_mapping, fuse (no schedule)")
+      help="stage 1: the 'rest' group (encoders, decoders, RCA, class/image mapping, fuse); "
+           "stage 2: class_mapping, image_mapping, fuse (no schedule)")
     a("--temperature_lr", type=float, default=d.temperature_lr,
       help="stage 1: temperature_pixel and temperature_image")
     a("--features_list", type=int, nargs="+", default=d.features_list,
@@ -96,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val_batch_size", type=int, default=d.val_batch_size,
       help="validation batch (the Monte Carlo samples, hence the figures, do not depend on it)")
     a("--patience", type=int, default=d.patience,
-      help="epochs without improvement before switching stage / stopping (official 3)")
+      help="official counter: stage 1 switches (stage 2 stops) at the (patience + 1)-th "
+           "consecutive epoch without improvement, i.e. the 4th with the official 3")
     a("--no_verify", action="store_true",
       help="skip the SHA-256 check of OpenAI-named CLIP files")
     a("--stop_after", type=int, default=None,

@@ -370,11 +370,14 @@ class BayesPFL(nn.Module):
         maps = [F.interpolate(m, size=(size, size), mode="bilinear", align_corners=True)
                 for m in self.pixel_logits(tokens, pair)]
         target = masks.reshape(b, size, size)
-        seg = sum(focal_loss(m.softmax(1), target) + dice_loss(m.softmax(1)[:, 1], target)
-                  for m in maps)
-        kl = (kl_term(samples.context, b) + kl_term(samples.normal, b)
-              + kl_term(samples.abnormal, b))
+        focal = sum(focal_loss(m.softmax(1), target) for m in maps)
+        dice = sum(dice_loss(m.softmax(1)[:, 1], target) for m in maps)
+        kls = {kind: kl_term(getattr(samples, kind), b)
+               for kind in ("context", "normal", "abnormal")}
+        kl = kls["context"] + kls["normal"] + kls["abnormal"]
         ortho = (orthogonality_loss(text[:, :n]) + orthogonality_loss(text[:, n:]))
-        out.update(maps=maps, loss_seg=seg, loss_kl=kl, loss_orth=ortho,
-                   loss=out["loss_ce"] + seg + 0.01 * kl + ortho)
+        out.update(maps=maps, loss_focal=focal, loss_dice=dice, loss_seg=focal + dice,
+                   loss_kl=kl, loss_kl_context=kls["context"], loss_kl_normal=kls["normal"],
+                   loss_kl_abnormal=kls["abnormal"], loss_orth=ortho,
+                   loss=out["loss_ce"] + (focal + dice) + 0.01 * kl + ortho)
         return out

@@ -134,11 +134,17 @@ class ImageAgnosticFlow(nn.Module):
 
 
 def kl_term(s: FlowSamples, batch_size: int) -> torch.Tensor:
-    """(sum over rows of [log q(z0) - log N(zK; 0, I)] - sum of log-dets) / batch_size.
+    """The official KL estimate of one distribution for a batch of ``batch_size`` images:
 
-    Log densities without the 2 pi constant, each with 1e-8 added, as the official code.
-    ``batch_size`` is the image batch size, for the image-agnostic distributions too."""
+        (sum over the B images of [log q(z0) - log N(zK; 0, I)] - sum of the log-dets) / B
+
+    Log densities without the 2 pi constant, each with 1e-8 added (which cancels), as the
+    official code. The image-specific distribution has one row per image. An image-agnostic
+    distribution has one row shared by the batch: the official code broadcasts its density
+    term over the B images (so it counts B times before the division by B) while its single
+    log-det is divided by B, i.e. [log q(z0) - log N(zK; 0, I)] - log_det / B."""
     var = torch.exp(0.5 * s.h)
-    log_q = (-0.5 * (torch.log(var) + (s.z0 - s.mean) ** 2 / var)).sum(-1) + 1e-8
-    log_p = (-0.5 * s.zk ** 2).sum(-1) + 1e-8
-    return ((log_q - log_p).sum() - s.log_det.sum()) / batch_size
+    log_q = (-0.5 * (torch.log(var) + (s.z0 - s.mean) ** 2 / var)).sum(-1) + 1e-8  # [R, rows]
+    log_p = (-0.5 * s.zk ** 2).sum(-1) + 1e-8                                      # [R, rows]
+    density = (log_q - log_p).expand(*log_q.shape[:-1], batch_size)               # [R, B]
+    return (density.sum() - s.log_det.sum()) / batch_size

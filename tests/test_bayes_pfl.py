@@ -320,9 +320,14 @@ def test_kl_against_direct_density():
     log_p = p.log_prob(s.zk).sum(-1) + const + 1e-8
     want = ((log_q - log_p).sum() - s.log_det.sum()) / 3
     torch.testing.assert_close(kl_term(s, 3), want)
-    # state distributions: the image batch size divides
+    # an image-agnostic distribution (one row shared by the batch): the official code
+    # broadcasts its density term over the B images, and divides its log-det by B
     ss = model.PFL_normal(torch.randn(1, 1, 8))
-    assert torch.allclose(kl_term(ss, 3) * 3, kl_term(ss, 1))
+    var = torch.exp(0.5 * ss.h)
+    q = torch.distributions.Normal(ss.mean, var.sqrt())
+    density = (q.log_prob(ss.z0).sum() - p.log_prob(ss.zk).sum())
+    torch.testing.assert_close(kl_term(ss, 3), density - ss.log_det.sum() / 3)
+    torch.testing.assert_close(kl_term(ss, 1), density - ss.log_det.sum())
 
 
 def test_focal_and_dice_hand_computed():

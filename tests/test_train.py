@@ -107,7 +107,8 @@ def test_optimizer_groups_follow_the_official_names(clip_and_batch):
     assert got["temperature"] == ({"temperature_pixel", "temperature_image"}, 0.01)
     assert got["PFL"] == (flows, 2e-3)
     rest, lr = got["rest"]
-    assert lr == 1e-4
+    assert lr == 5e-4                  # --learning_rate_linear, as officially
+    assert 1e-4 not in {g["lr"] for g in optimizer.param_groups}   # --learning_rate: no effect
     assert rest == set(names.values()) - flows - got["prompt"][0] - got["temperature"][0]
     # the shared encoder and decoders sit in "rest" under their first names
     assert "context_encoder.weight_mean.module.0.weight" in rest
@@ -164,28 +165,49 @@ def test_schedule_warmup_and_cosine():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_stage_controller_scripted_sequence():
+def test_stage_controller_follows_the_official_counter():
+    """The official rule: the counter is compared with 3 before it is incremented, so stage 1
+    switches at the 4th consecutive epoch without a better pixel AP (here after epoch 6, not 5)
+    and stage 2, whose best image AP starts again at 0, stops at its 4th (after epoch 12)."""
     c = StageController(patience=3)
-    stage1 = [0.1, 0.3, 0.3, 0.2, 0.25, 0.29]       # epoch 3 ties epoch 2: counts as better
-    decisions = [c.update(e, p, 0.0) for e, p in enumerate(stage1, start=1)]
+    stage1 = [0.1, 0.3, 0.3, 0.2, 0.25, 0.29, 0.28]  # epoch 3 ties epoch 2: counts as better
+    decisions = [c.update(e, p, 0.0) for e, p in enumerate(stage1[:6], start=1)]
     assert [d.improved for d in decisions] == [True, True, True, False, False, False]
     assert [d.patience for d in decisions] == [0, 0, 0, 1, 2, 3]
-    assert not any(d.switch for d in decisions[:-1])
-    last = decisions[-1]
+    assert not any(d.switch or d.restore for d in decisions) and c.stage == 1
+    last = c.update(7, stage1[6], 0.0)
     assert last.restore and last.switch and not last.stop and last.stage == 1
-    assert c.stage == 2 and c.switch_epoch == 6 and c.best_epoch[1] == 3 and c.best[1] == 0.3
+    assert last.patience == 4
+    assert c.stage == 2 and c.switch_epoch == 7 and c.best_epoch[1] == 3 and c.best[1] == 0.3
 
-    stage2 = [0.5, 0.6, 0.55, float("nan"), 0.59]   # selects on image AP now; NaN never improves
-    decisions = [c.update(e, 0.9, i) for e, i in enumerate(stage2, start=7)]
-    assert [d.improved for d in decisions] == [True, True, False, False, False]
-    assert decisions[-1].restore and decisions[-1].stop and not decisions[-1].switch
-    assert c.finished and c.best_epoch[2] == 8 and c.best[2] == 0.6
+    # stage 2 selects on image AP from 0: its first epoch improves even at 0.0
+    stage2 = [0.0, 0.6, 0.55, float("nan"), 0.59, 0.58]   # NaN never improves
+    decisions = [c.update(e, 0.9, i) for e, i in enumerate(stage2, start=8)]
+    assert [d.improved for d in decisions] == [True, True, False, False, False, False]
+    assert [d.patience for d in decisions] == [0, 0, 1, 2, 3, 4]
+    assert decisions[-1].stop and not decisions[-1].restore and not decisions[-1].switch
+    assert not any(d.stop for d in decisions[:-1])
+    assert c.finished and c.best_epoch[2] == 9 and c.best[2] == 0.6
     with pytest.raises(RuntimeError):
-        c.update(12, 0.0, 0.0)
+        c.update(14, 0.0, 0.0)
 
     clone = StageController()
     clone.load_state_dict(c.state_dict())
     assert clone.state_dict() == c.state_dict()
+
+
+def test_stage_controller_epochs_of_the_issue_sequence():
+    """Improvements at epochs 1-2 and 7-8 only: the switch after epoch 6, the stop at 12."""
+    c = StageController(patience=3)
+    pixel = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.3, 5: 0.3, 6: 0.3}
+    image = {7: 0.5, 8: 0.6, 9: 0.5, 10: 0.5, 11: 0.5, 12: 0.5, 13: 0.5}
+    events = []
+    for epoch in range(1, 14):
+        d = c.update(epoch, pixel.get(epoch, 0.0), image.get(epoch, 0.0))
+        events += [("switch", epoch)] * d.switch + [("stop", epoch)] * d.stop
+        if c.finished:
+            break
+    assert events == [("switch", 6), ("stop", 12)]
 
 
 class ScriptedTrainer(Trainer):
@@ -209,40 +231,43 @@ def _assert_same(a, b):
 
 
 def test_trainer_switches_restores_and_stops(tmp_path, synth_root, tiny_files):
-    cfg = make_config(tmp_path / "run", synth_root, tiny_files[0], epochs=8, patience=2)
+    """patience 2: the switch at the 3rd epoch in a row without a better pixel AP restores the
+    best stage-1 parameters; the stop at the 3rd without a better image AP keeps the current
+    ones."""
+    cfg = make_config(tmp_path / "run", synth_root, tiny_files[0], epochs=12, patience=2)
     trainer = ScriptedTrainer(cfg, callback=lambda record: snapshots.append(_state(trainer.model)))
     trainer.figures = {1: (0.2, 0.0), 2: (0.5, 0.0), 3: (0.4, 0.0), 4: (0.45, 0.0),
-                       5: (0.0, 0.3), 6: (0.0, 0.2), 7: (0.0, 0.1), 8: (0.0, 0.9)}
+                       5: (0.3, 0.0), 6: (0.0, 0.3), 7: (0.0, 0.2), 8: (0.0, 0.1),
+                       9: (0.0, 0.25), 10: (0.0, 0.9)}
     snapshots: list[dict] = []
     result = trainer.run()
 
     names = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "epoch_post_*")))
-    assert names == ["epoch_post_1_1.pth", "epoch_post_2_1.pth", "epoch_post_3_1.pth",
-                     "epoch_post_4_1.pth", "epoch_post_5_2.pth", "epoch_post_6_2.pth",
-                     "epoch_post_7_2.pth"]
-    assert [r["stage"] for r in result.history] == [1, 1, 1, 1, 2, 2, 2]
-    assert result.switch_epoch == 4 and result.stopped_early and result.final_stage == 2
-    assert result.epochs_run == 7 and result.best_epoch == {1: 2, 2: 5}
+    assert names == [f"epoch_post_{e}_1.pth" for e in range(1, 6)] + [
+        f"epoch_post_{e}_2.pth" for e in range(6, 10)]
+    assert [r["stage"] for r in result.history] == [1] * 5 + [2] * 4
+    assert result.switch_epoch == 5 and result.stopped_early and result.final_stage == 2
+    assert result.epochs_run == 9 and result.best_epoch == {1: 2, 2: 6}
     assert result.best_pixel_ap == 0.5 and result.best_image_ap == 0.3
 
     def saved(name):
         return torch.load(tmp_path / "run" / name, weights_only=True)["MyModel"]
 
-    # epoch 3 kept training from its own parameters; after epoch 4, those of epoch 2 came back
-    _assert_same(snapshots[2], saved("epoch_post_3_1.pth"))
-    _assert_same(snapshots[3], saved("epoch_post_2_1.pth"))
+    # epochs 3-4 kept training from their own parameters; after epoch 5, epoch 2's came back
+    _assert_same(snapshots[3], saved("epoch_post_4_1.pth"))
+    _assert_same(snapshots[4], saved("epoch_post_2_1.pth"))
     # stage 2 changes only class_mapping, image_mapping and fuse
-    stage2_keys = {k for k in snapshots[4] if k.split(".")[0] in ("class_mapping",
+    stage2_keys = {k for k in snapshots[5] if k.split(".")[0] in ("class_mapping",
                                                                    "image_mapping", "fuse")}
-    for k, v in snapshots[4].items():
-        assert torch.equal(v, snapshots[3][k]) == (k not in stage2_keys), k
-    # the stop restores the best stage-2 parameters, which best.pth holds too
-    _assert_same(snapshots[6], saved("epoch_post_5_2.pth"))
-    _assert_same(_state(result.model), saved("epoch_post_5_2.pth"))
-    _assert_same(saved("best.pth"), saved("epoch_post_5_2.pth"))
+    for k, v in snapshots[5].items():
+        assert torch.equal(v, snapshots[4][k]) == (k not in stage2_keys), k
+    # the stop keeps the current parameters; best.pth holds the best stage-2 ones
+    _assert_same(snapshots[8], saved("epoch_post_9_2.pth"))
+    _assert_same(_state(result.model), saved("epoch_post_9_2.pth"))
+    _assert_same(saved("best.pth"), saved("epoch_post_6_2.pth"))
     assert all(p.requires_grad for p in result.model.parameters())
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "switching to stage 2 after epoch 4" in log and "stage 2 stopped after epoch 7" in log
+    assert "switching to stage 2 after epoch 5" in log and "stage 2 stopped after epoch 9" in log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,10 +277,11 @@ def test_trainer_switches_restores_and_stops(tmp_path, synth_root, tiny_files):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, synth_root, tiny_files):
-    """Five epochs in one go (real validation, augmentation on): stage 1 switches after epoch 3,
-    stage 2 stops after epoch 5."""
+    """One go of at most 10 epochs (real validation, augmentation on, patience 1): stage 1
+    switches after epoch 4 and stage 2 stops after epoch 7 (the official counter: at the 2nd
+    epoch in a row without improvement)."""
     save = tmp_path_factory.mktemp("straight")
-    cfg = make_config(save, synth_root, tiny_files[0], epochs=5)
+    cfg = make_config(save, synth_root, tiny_files[0], epochs=10)
     return cfg, train(cfg)
 
 
@@ -266,22 +292,22 @@ def _comparable(history):
 
 def test_resume_continues_exactly(tmp_path, straight_run, synth_root, tiny_files):
     cfg, straight = straight_run
-    assert [r["stage"] for r in straight.history] == [1, 1, 1, 2, 2]
-    assert straight.switch_epoch == 3 and straight.stopped_early
+    assert [r["stage"] for r in straight.history] == [1, 1, 1, 1, 2, 2, 2]
+    assert straight.switch_epoch == 4 and straight.stopped_early
     # stop inside stage 1, then right after the switch, then run to the end
-    first = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=5, stop_after=1))
+    first = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=10, stop_after=1))
     assert first.epochs_run == 1 and first.final_stage == 1
     last = str(tmp_path / "last.pth")
-    second = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=5, stop_after=3,
+    second = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=10, stop_after=4,
                                resume=last))
-    assert second.epochs_run == 3 and second.final_stage == 2
-    resumed = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=5, resume=last))
-    assert resumed.epochs_run == straight.epochs_run == 5 and resumed.stopped_early
+    assert second.epochs_run == 4 and second.final_stage == 2
+    resumed = train(make_config(tmp_path, synth_root, tiny_files[0], epochs=10, resume=last))
+    assert resumed.epochs_run == straight.epochs_run == 7 and resumed.stopped_early
     assert _comparable(resumed.history) == _comparable(straight.history)
     _assert_same(_state(resumed.model), _state(straight.model))
     last_a = torch.load(os.path.join(cfg.save_path, "last.pth"), weights_only=True)
     last_b = torch.load(tmp_path / "last.pth", weights_only=True)
-    assert last_a["global_step"] == last_b["global_step"] == 5 * 2
+    assert last_a["global_step"] == last_b["global_step"] == 7 * 2
     for a, b in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values()):
         for k in a:
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k]))
@@ -305,12 +331,12 @@ def test_checkpoint_files(straight_run, tiny_files):
     assert {"model", "optimizer", "scheduler", "scaler", "controller", "remembered", "epoch",
             "global_step", "rng", "config", "history", "finished"} <= set(last)
     assert set(last["rng"]) >= {"python", "numpy", "torch"}
-    assert last["epoch"] == 5 and last["finished"] and last["config"] == cfg.to_dict()
+    assert last["epoch"] == 7 and last["finished"] and last["config"] == cfg.to_dict()
     assert last["controller"]["stage"] == result.final_stage
     _assert_same(last["model"], _state(result.model))
     load_checkpoint(fresh_model(clip, seed=1), os.path.join(cfg.save_path, "last.pth"))
     log = open(os.path.join(cfg.save_path, "train.log")).read()
-    assert "arguments:" in log and "epoch 5 stage 2" in log and "pixel AP" in log and "lr " in log
+    assert "arguments:" in log and "epoch 7 stage 2" in log and "pixel AP" in log and "lr " in log
 
 
 def test_resume_errors(tmp_path, synth_root, tiny_files):
@@ -384,7 +410,8 @@ def _ddp_worker(rank, world, port, config, out_dir):
     from utils import distributed
 
     trainer = ScriptedTrainer(config)
-    trainer.figures = {1: (0.5, 0.0), 2: (0.4, 0.0), 3: (0.0, 0.5)}   # stage 2 from epoch 3
+    # patience 1: the switch after epoch 3, stage 2 in epoch 4
+    trainer.figures = {1: (0.5, 0.0), 2: (0.4, 0.0), 3: (0.3, 0.0), 4: (0.0, 0.5)}
     try:
         result = trainer.run()
         torch.save({"state": result.model.state_dict(), "history": result.history,
@@ -400,13 +427,13 @@ def _free_port() -> int:
 
 
 def test_ddp_two_gloo_processes_stay_identical(tmp_path, synth_root, tiny_files):
-    cfg = make_config(tmp_path / "run", synth_root, tiny_files[0], batch_size=2)
+    cfg = make_config(tmp_path / "run", synth_root, tiny_files[0], batch_size=2, epochs=4)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)),
                                 nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert a["steps"] == b["steps"] == 2                  # 8 images, 2 ranks, batch 2
-    assert [r["stage"] for r in a["history"]] == [1, 1, 2]
+    assert [r["stage"] for r in a["history"]] == [1, 1, 1, 2]
     assert a["history"] == b["history"]
     _assert_same(a["state"], b["state"])
     initial = fresh_model(load_clip(tiny_files[0], image_size=32), seed=cfg.seed).state_dict()
@@ -414,7 +441,7 @@ def test_ddp_two_gloo_processes_stay_identical(tmp_path, synth_root, tiny_files)
     assert not torch.equal(a["state"]["fuse.compress.weight"], initial["fuse.compress.weight"])
     # rank 0 alone writes files
     assert os.path.isfile(tmp_path / "run" / "last.pth")
-    assert os.path.isfile(tmp_path / "run" / "epoch_post_3_2.pth")
+    assert os.path.isfile(tmp_path / "run" / "epoch_post_4_2.pth")
 
 
 # ------------------------------------------------------------------------------------------------

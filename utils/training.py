@@ -75,8 +75,10 @@ OFFICIAL_VALIDATION = {
 ADAM_BETAS = (0.5, 0.999)
 STAGE2_MODULES = ("class_mapping", "image_mapping", "fuse")
 GROUPS = ("prompt", "temperature", "PFL", "rest")
-LOSS_KEYS = ("loss", "loss_ce", "loss_seg", "loss_kl", "loss_orth")
-RESUME_FORMAT = 1
+LOSS_KEYS = ("loss", "loss_ce", "loss_seg", "loss_focal", "loss_dice", "loss_kl",
+             "loss_kl_context", "loss_kl_normal", "loss_kl_abnormal", "loss_orth")
+SHOWN_LOSSES = ("loss", "loss_ce", "loss_seg", "loss_kl", "loss_orth")   # on the progress bar
+RESUME_FORMAT = 2
 
 # Purposes of derived seeds (see derive_seed).
 _SEED_GLOBAL, _SEED_LOADER, _SEED_PROMPT, _SEED_VALIDATION, _SEED_CACHE = range(5)
@@ -103,10 +105,10 @@ class TrainConfig:
     prompt_context_len: int = 5
     prompt_num: int = 3
     prompt_state_len: int = 5
-    learning_rate: float = 1e-4            # the "rest" group
+    learning_rate: float = 1e-4            # accepted, no effect (as officially)
     learning_rate_PFL: float = 1e-3
     learning_rate_prompt: float = 1e-3
-    learning_rate_linear: float = 1e-4     # stage 2
+    learning_rate_linear: float = 1e-4     # the stage-1 "rest" group and stage 2
     temperature_lr: float = 0.01
     features_list: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     image_size: int = 518
@@ -146,10 +148,11 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"unknown learning-rate group(s) {sorted(unknown)}; the groups "
                                 f"are {', '.join(GROUPS)} and stage2")
-        for name in ("batch_size", "epochs", "sample_num", "save_freq", "patience",
-                     "val_batch_size"):
+        for name in ("batch_size", "epochs", "sample_num", "save_freq", "val_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise TrainingError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if int(self.patience) < 0:
+            raise TrainingError(f"patience must be at least 0, not {self.patience}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,7 +164,8 @@ class TrainResult:
     stage 1 / stage 2 (None when the stage saw no scorable epoch); ``best_epoch``: stage -> epoch
     of that figure; ``history``: one record per epoch (losses, figures, per-class figures,
     learning rates, decision); ``checkpoints``: the epoch_post files written; ``model``: the
-    module as training left it (the best stage-2 parameters after an early stop)."""
+    module as training left it (after an early stop, the current parameters: the
+    official rule does not restore; ``best.pth`` holds the best stage-2 ones)."""
 
     best_pixel_ap: float | None
     best_image_ap: float | None
@@ -194,8 +198,10 @@ def parameter_group(name: str) -> str:
 
 
 def group_learning_rates(config: TrainConfig) -> dict[str, float]:
+    """Group -> lr. As officially, ``learning_rate_linear`` sets the stage-1 "rest" group and
+    the stage-2 optimiser, and ``learning_rate`` sets nothing."""
     lrs = {"prompt": config.learning_rate_prompt, "temperature": config.temperature_lr,
-           "PFL": config.learning_rate_PFL, "rest": config.learning_rate,
+           "PFL": config.learning_rate_PFL, "rest": config.learning_rate_linear,
            "stage2": config.learning_rate_linear}
     lrs.update(config.lr_overrides or {})
     return lrs
@@ -283,16 +289,21 @@ class Decision:
 class StageController:
     """The official two-stage rule, free of tensors and files.
 
-    Stage 1 selects on pixel AP: a value >= the best so far is an improvement (remember the
-    parameters); after ``patience`` epochs in a row without one, restore the remembered
-    parameters and switch to stage 2. Stage 2 does the same with image AP and stops instead
-    of switching. NaN (no class could be scored) never improves."""
+    A counter ``patience`` starts at 0 and the best figure of each stage at 0. Stage 1 selects
+    on pixel AP: a value >= the best so far is an improvement (remember the parameters, reset
+    the counter). Otherwise, if the counter already equals ``patience`` (3), the remembered
+    parameters are restored and stage 2 starts; in either case the counter then goes up by
+    one. The switch therefore comes at the (patience + 1)-th consecutive epoch without
+    improvement (the 4th with the official 3). Stage 2 does the same with image AP, its best
+    starting again at 0 (so its first epoch always improves and resets the counter), and
+    stops instead of switching, keeping the current parameters (no restore). NaN (no class
+    could be scored) never improves."""
 
     def __init__(self, patience: int = 3):
         self.patience_limit = int(patience)
         self.stage = 1
         self.patience = 0
-        self.best = {1: -math.inf, 2: -math.inf}
+        self.best = {1: 0.0, 2: 0.0}
         self.best_epoch: dict[int, int | None] = {1: None, 2: None}
         self.switch_epoch: int | None = None
         self.finished = False
@@ -303,23 +314,22 @@ class StageController:
         stage = self.stage
         value = float(pixel_ap if stage == 1 else image_ap)
         improved = value >= self.best[stage]          # False for NaN
+        decision = Decision(epoch, stage, value, improved, self.patience)
         if improved:
             self.best[stage] = value
             self.best_epoch[stage] = epoch
             self.patience = 0
         else:
+            if self.patience == self.patience_limit:
+                if stage == 1:
+                    decision.restore = decision.switch = True
+                    self.stage = 2
+                    self.switch_epoch = epoch
+                else:
+                    decision.stop = True
+                    self.finished = True
             self.patience += 1
-        decision = Decision(epoch, stage, value, improved, self.patience)
-        if self.patience >= self.patience_limit:
-            decision.restore = True
-            if stage == 1:
-                decision.switch = True
-                self.stage = 2
-                self.patience = 0
-                self.switch_epoch = epoch
-            else:
-                decision.stop = True
-                self.finished = True
+        decision.patience = self.patience
         return decision
 
     def state_dict(self) -> dict:
@@ -587,6 +597,10 @@ def read_resume_state(path: str) -> dict:
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
         raise TrainingError(f"{path} cannot be read as a training state ({type(error).__name__});"
                             f" resume from another last.pth or start afresh") from None
+    if isinstance(state, dict) and isinstance(state.get("format"), int) \
+            and state["format"] < RESUME_FORMAT:
+        raise TrainingError(f"{path} was written by an earlier version of this project, whose "
+                            f"stage rule differs from the official one; start the run afresh")
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise TrainingError(f"{path} is not a resumable training state (an official-format "
                             f"checkpoint cannot be resumed); give the run's last.pth")
@@ -819,7 +833,8 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] += v
             if cfg.print_freq and (step + 1) % cfg.print_freq == 0 and display is not None:
-                display.update({k: v for k, v in sums.items() if k in losses}, count)
+                display.update({k: v for k, v in sums.items() if k in losses and k in SHOWN_LOSSES},
+                               count)
         if hasattr(bar, "close"):
             bar.close()
         keys = [k for k in LOSS_KEYS if stage == 1 or k in ("loss", "loss_ce")]
@@ -921,7 +936,7 @@ class Trainer:
                 if stage in self.remembered:
                     self.model.load_state_dict(self.remembered[stage])
                 dist_utils.broadcast_module(self.model)
-                self.info(f"no improvement for {decision.patience} epoch(s): restored the "
+                self.info(f"no better pixel AP for {decision.patience} epochs: restored the "
                           f"parameters of epoch {self.controller.best_epoch[stage]}")
             if decision.switch:
                 self.remembered.pop(1, None)
@@ -930,8 +945,10 @@ class Trainer:
                           f"image_mapping, fuse at lr {group_learning_rates(cfg)['stage2']:g})")
             if decision.stop:
                 stopped_early = True
-                self.info(f"stage 2 stopped after epoch {epoch}; best image AP "
-                          f"{self.controller.best[2]:.4f} at epoch {self.controller.best_epoch[2]}")
+                self.info(f"no better image AP for {decision.patience} epochs: stage 2 stopped "
+                          f"after epoch {epoch}, keeping the current parameters; best image AP "
+                          f"{self.controller.best[2]:.4f} at epoch {self.controller.best_epoch[2]}"
+                          f" (best.pth)")
             record["decision"] = dataclasses.asdict(decision)
             self.history.append(record)
             self.epoch = epoch
@@ -948,7 +965,8 @@ class Trainer:
         if self.best_path and self.controller.best_epoch[2] is None and self.epoch >= cfg.epochs:
             self.info("best.pth holds stage-1 parameters (no stage-2 epoch was validated); "
                       "evaluate them as stage 1, e.g. with the matching epoch_post_*_1.pth")
-        best = {k: (v if math.isfinite(v) else None) for k, v in self.controller.best.items()}
+        best = {k: (v if self.controller.best_epoch[k] is not None else None)
+                for k, v in self.controller.best.items()}
         return TrainResult(
             best_pixel_ap=best[1], best_image_ap=best[2], best_epoch=dict(self.controller.best_epoch),
             switch_epoch=self.controller.switch_epoch, stopped_early=stopped_early,
