@@ -94,7 +94,7 @@ def test_evaluate_class_metrics():
     assert m["ap_px"] == pytest.approx(average_precision_score(masks.ravel(), sm.ravel()), abs=1e-9)
     f1, threshold = f1_max(masks, sm)
     assert (m["f1_px"], m["threshold"]) == (f1, threshold)
-    pred = sm >= threshold
+    pred = sm > threshold                       # official: strictly above the threshold
     assert m["iou"] == pytest.approx((pred & masks).sum() / (pred | masks).sum())
     assert m["aupro_px"] == pytest.approx(aupro(masks, sm))
     fused = fuse_image_scores(text, maps, "bottle").numpy()
@@ -155,3 +155,20 @@ def test_summarise_table_and_mean():
                     "0.3117"]
     assert mean["auroc_px"] == pytest.approx(0.85) and mean["aupro_px"] == pytest.approx(0.8)
     assert summarise({"x": dict.fromkeys(COLUMNS)})[1]["auroc_sp"] is None
+
+
+def test_iou_counts_pixels_strictly_above_the_f1_threshold():
+    """Ties exactly at the F1-max threshold are predicted normal, as in the official code."""
+    from utils.protocol import _pixel_metrics
+
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    smoothed = np.full((2, 4, 4), 0.1, dtype=np.float32)
+    masks[0, :2] = True                               # 8 anomalous pixels
+    smoothed[0, :2] = 0.9
+    smoothed[0, 0, :2] = 0.5                          # 2 of them tie at 0.5 ...
+    smoothed[1, 0, :1] = 0.5                          # ... with 1 normal pixel
+    m = _pixel_metrics(masks, smoothed, "off")
+    assert m["threshold"] == pytest.approx(0.5)       # F1 0.94 there against 0.86 at 0.9
+    above, at_or_above = smoothed > 0.5, smoothed >= 0.5
+    assert m["iou"] == pytest.approx((above & masks).sum() / (above | masks).sum())   # 6 / 8
+    assert m["iou"] != pytest.approx((at_or_above & masks).sum() / (at_or_above | masks).sum())

@@ -147,7 +147,7 @@ def _pixel_metrics(masks: np.ndarray, smoothed: np.ndarray, pro: str) -> dict:
         metrics["aupro_px"] = aupro_official(masks, smoothed)
     else:
         metrics["aupro_px"] = None
-    metrics["iou"] = iou(masks, smoothed >= threshold)
+    metrics["iou"] = iou(masks, smoothed > threshold)            # official: strictly greater
     metrics["threshold"] = threshold
     return {k: metrics[k] for k in PIXEL_METRICS}
 
@@ -162,7 +162,7 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
     "off" (aupro_px None).
 
     Pixel metrics on the smoothed maps: auroc_px, aupro_px, ap_px, f1_px (F1-max), iou (masks
-    against smoothed >= the F1-max threshold) and threshold. Image metrics on the fused score:
+    against smoothed > the F1-max threshold, as officially) and threshold. Image metrics on the fused score:
     auroc_sp, ap_sp, f1_sp. Classification-only datasets: the text score alone is the image
     score and the pixel metrics are None; so are the image metrics of a class whose images are
     all anomalous (or all normal), and the pixel metrics of a class without anomalous pixels.
