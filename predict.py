@@ -24,7 +24,8 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from utils.images import IMAGE_EXTENSIONS, ImageReadError
+from dataset.transforms import IMAGE_EXTENSIONS, ImageReadError
+from utils.cli import add_model_arguments, add_runtime_arguments
 
 CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
                "error"]
@@ -160,12 +161,12 @@ def group_by_class(items: Sequence[ImageItem]) -> list[ImageItem]:
 
 
 def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
-                seed: int | None = None
+                seed: int | None = None, exif_transpose: bool = True
                 ) -> Iterator[tuple[ImageItem, Image.Image | None, dict | str]]:
-    """Score items in batches of one class each. Yields (item, RGB image, result of
+    """Score items in batches of one class each. Yields (item, image as read, result of
     ``predict_images``) for each image, or (item, None, reason) for a file that cannot be
-    read."""
-    from utils.images import to_rgb
+    read. ``exif_transpose``: files are turned upright by their EXIF orientation first."""
+    from dataset.transforms import read_image
 
     batch: list[tuple[ImageItem, Image.Image]] = []
 
@@ -180,8 +181,8 @@ def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
         if batch and (batch[0][0].class_name != item.class_name or len(batch) >= batch_size):
             yield from flush()
         try:
-            image = to_rgb(item.path)
-        except (ImageReadError, Image.DecompressionBombError) as e:
+            image = read_image(item.path, exif_transpose)
+        except ImageReadError as e:
             yield item, None, str(e)
             continue
         batch.append((item, image))
@@ -211,7 +212,8 @@ def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray) -> None
     probabilities (0 -> blue, 1 -> red) so that overlays compare between images."""
     from utils.visualize import heat_overlay, save_rgb
 
-    save_rgb(path, heat_overlay(np.asarray(image), anomaly_map, vmin=0.0, vmax=1.0))
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    save_rgb(path, heat_overlay(rgb, anomaly_map, vmin=0.0, vmax=1.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,19 +291,18 @@ def load_detector(args):
     import torch
 
     from models import AnomalyDetector
+    from utils.cli import model_request
     from utils.misc import resolve_device
 
     torch.backends.cuda.matmul.allow_tf32 = bool(getattr(args, "tf32", False))
     return AnomalyDetector.from_files(
-        args.pretrained_path, args.checkpoint_path, image_size=args.image_size,
-        device=resolve_device(args.device), sample_num=args.sample_num,
-        layers=args.features_list, prompt_num=args.prompt_num,
-        prompt_context_len=args.prompt_context_len, prompt_state_len=args.prompt_state_len,
-        num_flows=args.num_flows, activation=args.activation, precision=args.precision,
-        verify=not args.no_verify)
+        args.pretrained_path, args.checkpoint_path,
+        device=resolve_device(args.device, args.device_id), sample_num=args.sample_num,
+        precision=args.precision, verify=not args.no_verify, **model_request(args))
 
 
-def _scored(detector, items, batch_size, desc, progress, skipped, seed=None):
+def _scored(detector, items, batch_size, desc, progress, skipped, seed=None,
+            exif_transpose=True):
     """(item, image, result) of each readable item as it is scored, under a progress bar;
     unreadable files are reported and appended to ``skipped``. Nothing is held beyond a
     batch, so folders of any size fit in memory."""
@@ -309,7 +310,7 @@ def _scored(detector, items, batch_size, desc, progress, skipped, seed=None):
 
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        for item, image, res in iter_scores(detector, items, batch_size, seed):
+        for item, image, res in iter_scores(detector, items, batch_size, seed, exif_transpose):
             bar.update(1)
             if image is None:
                 tqdm.write(f"warning: skipped: {res}", file=sys.stderr)
@@ -361,7 +362,7 @@ def run(args) -> dict:
         calib_skipped: list[dict] = []
         scores, scored_classes = [], set()
         for item, _, res in _scored(detector, calib_items, args.batch_size, "calibrate",
-                                    progress, calib_skipped, args.seed):
+                                    progress, calib_skipped, args.seed, not args.ignore_exif):
             scores.append(res["score"])
             scored_classes.add(item.class_name)
         if not scores:
@@ -379,7 +380,7 @@ def run(args) -> dict:
     overlay_dir = os.path.join(args.out, "overlays")
     rows = []
     for item, image, res in _scored(detector, items, args.batch_size, "predict", progress,
-                                    skipped, args.seed):
+                                    skipped, args.seed, not args.ignore_exif):
         overlay = None
         if not args.no_overlay:
             overlay = os.path.join(overlay_dir, names[item])
@@ -426,22 +427,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="object name put in the prompts (e.g. 'metal nut'); default: the name "
                         "of each image's folder")
     p.add_argument("--out", default="./predictions", help="output folder")
-    p.add_argument("--image_size", type=int, default=518)
-    p.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24],
-                   help="1-based vision blocks whose tokens are used")
-    p.add_argument("--prompt_num", type=int, default=3)
-    p.add_argument("--prompt_context_len", type=int, default=5)
-    p.add_argument("--prompt_state_len", type=int, default=5)
-    p.add_argument("--num_flows", type=int, default=10)
+    add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=int, default=10, help="Monte Carlo samples R")
     p.add_argument("--seed", type=int, default=111)
     p.add_argument("--batch_size", type=int, default=8,
                    help="images per forward (one class per batch)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
-    p.add_argument("--activation", default="gelu", choices=["gelu", "quick_gelu"],
-                   help="CLIP MLP activation (the released checkpoints use exact GELU)")
+    add_runtime_arguments(p)
     limit = p.add_mutually_exclusive_group()
     limit.add_argument("--threshold", type=float, default=None,
                        help="images scoring >= this are 'anomalous'")
@@ -452,14 +443,15 @@ def get_parser() -> argparse.ArgumentParser:
                    help="with --calibrate: percentile (0..100) of the good images' scores; "
                         "100 = their maximum")
     p.add_argument("--no_overlay", action="store_true", help="skip the heat-map overlays")
-    p.add_argument("--no_verify", action="store_true",
-                   help="skip the SHA-256 check of OpenAI-named CLIP files")
+    p.add_argument("--ignore_exif", action="store_true",
+                   help="read files as the official code does, without turning them upright by "
+                        "their EXIF orientation (files without one are read the same either way)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
-    from models import WeightsError
+    from models.errors import UserError
 
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -472,7 +464,7 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (WeightsError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     rows = result["predictions"]

@@ -1,4 +1,4 @@
-"""Meta-driven anomaly-detection dataset: preprocessing, joint augmentation, mosaic, loaders.
+"""Meta-driven anomaly-detection dataset: samples, the official training pipeline, loaders.
 
 A dataset is described by ``<root>/meta_<name>.json`` (written by ``dataset/make_meta.py``):
 ``{"train": {cls: [sample, ...]}, "test": {cls: [sample, ...]}}`` where a sample is
@@ -6,42 +6,39 @@ A dataset is described by ``<root>/meta_<name>.json`` (written by ``dataset/make
 ``root``. As in the official release, training and testing both read ``meta["test"]``: training
 uses the test split of the auxiliary dataset.
 
-Per-sample pipeline (train and test alike; steps 3-4 only when enabled):
+Per sample (SPEC section 6), test and train alike unless said:
 
-1. image: open, convert to RGB, resize to S x S with PIL's bicubic filter (aspect not kept);
-   mask: open as grey, binarise at full size (> 0 becomes 255), resize to S x S with PIL's
-   bilinear filter, binarise again (> 0.5 after scaling to [0, 1]); normal images and
-   classification-only datasets get an all-zero mask;
-2. (alternatively, with probability ``mosaic_prob``) a 2 x 2 mosaic of four random anomalous
-   images of the same class, each prepared as in step 1 at quadrant size, labelled anomalous;
-3. joint augmentation of the S x S uint8 image and mask (:class:`JointAugment`);
-4. image to [0, 1] and CLIP mean/std normalisation; mask to {0, 1}.
+1. (train, MVTec-AD: with probability 0.4) the sample is replaced by a 2 x 2 mosaic of four
+   anomalous images of its class drawn with replacement, pasted at their original size into a
+   canvas twice the first one's width and height, their binarised masks likewise; anomalous;
+2. (train) the official augmentation (``dataset/augment.py``, albumentations 1.3.1 semantics)
+   of the image at its **original resolution** and its full-size {0, 255} mask;
+3. the preprocessing of ``dataset/transforms.py``: bicubic resize to S x S in the image's own
+   mode, then RGB, [0, 1], CLIP mean/std; the mask binarised, bilinear resize, > 0.5. Normal
+   images and classification-only datasets get an all-zero mask.
 
-All random draws (mosaic choice and augmentation) come from Python's ``random`` module, which
-the DataLoader seeds in every worker; :func:`make_loader` seeds ``random`` and ``numpy`` from
-torch's per-worker seed as well. With ``num_workers=0`` the main process's ``random`` state is
-used, so seed it (``random.seed``) for reproducible augmentation.
+Randomness (mosaic and augmentation) comes from a ``random.Random`` seeded from (``seed``,
+epoch, sample index): a sample's draws do not depend on the DataLoader's worker count or on
+the other samples, and ``set_epoch`` gives each epoch its own draws.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F2
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from dataset.augment import augment_rgb
+from dataset.errors import DatasetError
+from dataset.transforms import (CLIP_MEAN, CLIP_STD, binary_mask, preprocess_image,
+                                preprocess_mask, read_image, read_mask, rgb_array)
+
 # Datasets without pixel ground truth: anomalous images get an all-zero mask.
 CLASSIFICATION_ONLY = frozenset({"HeadCT", "BrainMRI", "Br35H"})
 # Mosaic probability used in train mode when the dataset is MVTec-AD (official protocol).
@@ -54,190 +51,20 @@ __all__ = [
     "MVTEC_MOSAIC_PROB",
     "DatasetError",
     "AnomalyDataset",
-    "JointAugment",
     "preprocess_image",
     "preprocess_mask",
     "load_meta",
     "collate",
     "make_loader",
+    "sample_seed",
     "seed_worker",
 ]
 
 
-class DatasetError(ValueError):
-    """A problem with dataset files that the user can fix (missing meta, unreadable image...)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Preprocessing
-# ----------------------------------------------------------------------------------------------
-
-
-def _resize_rgb(pil_image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 array [H, W, 3] of ``pil_image`` resized to ``size`` = (width, height), bicubic."""
-    rgb = pil_image.convert("RGB")
-    # torchvision's Resize on a PIL image calls PIL's resize with the bicubic filter.
-    resized = TF.resize(rgb, [size[1], size[0]], interpolation=InterpolationMode.BICUBIC)
-    return np.array(resized, dtype=np.uint8)
-
-
-def _resize_mask(pil_mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Binary uint8 mask {0, 255} [H, W] of ``pil_mask`` resized to ``size`` = (width, height).
-
-    Binarised at full size (> 0), resized with PIL's bilinear filter, binarised again at 0.5.
-    """
-    grey = np.array(pil_mask.convert("L"), dtype=np.uint8)
-    binary = Image.fromarray(np.where(grey > 0, 255, 0).astype(np.uint8))  # mode "L"
-    resized = TF.resize(binary, [size[1], size[0]], interpolation=InterpolationMode.BILINEAR)
-    scaled = torch.from_numpy(np.array(resized, dtype=np.uint8)).to(torch.float32).div(255)
-    return np.where(scaled.numpy() > 0.5, 255, 0).astype(np.uint8)
-
-
-def _image_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1], CLIP-normalised."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
-    tensor = tensor.to(torch.float32).div(255)
-    return TF.normalize(tensor, CLIP_MEAN, CLIP_STD)
-
-
-def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
-    """uint8 {0, 255} [H, W] -> float32 {0, 1} [1, H, W]."""
-    return torch.from_numpy((mask > 127).astype(np.float32))[None]
-
-
-def preprocess_image(pil_image: Image.Image, image_size: int) -> torch.Tensor:
-    """CLIP preprocessing of a PIL image: RGB, bicubic resize to S x S, [0, 1], mean/std.
-
-    Returns float32 [3, S, S].
-    """
-    return _image_tensor(_resize_rgb(pil_image, (image_size, image_size)))
-
-
-def preprocess_mask(pil_mask: Image.Image, image_size: int) -> torch.Tensor:
-    """Ground-truth mask: grey, > 0 at full size, bilinear resize to S x S, > 0.5.
-
-    Returns float32 [1, S, S] with values in {0, 1}.
-    """
-    return _mask_tensor(_resize_mask(pil_mask, (image_size, image_size)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Joint augmentation
-# ----------------------------------------------------------------------------------------------
-
-
-class JointAugment:
-    """Training augmentation applied jointly to a uint8 image [H, W, 3] and mask [H, W].
-
-    Applied in this order, each independently with its probability (official protocol):
-
-    1. rotation by a uniform angle in [-max_angle, max_angle] degrees about the image centre
-       (image bilinear, mask nearest, borders reflected as OpenCV's BORDER_REFLECT_101) - p_rotate;
-    2. rotation by k * 90 degrees, k uniform in {1, 2, 3} (image and mask) - p_rot90;
-    3. brightness/contrast: x * (1 + c) + b * 255, c ~ U(-contrast_limit, contrast_limit),
-       b ~ U(-brightness_limit, brightness_limit), clipped to [0, 255] - p_brightness_contrast;
-    4. Gaussian noise of variance ~ U(noise_var) on the 0-255 scale, per pixel and channel,
-       clipped - p_noise;
-    5. one of, chosen uniformly: box blur with a 3 x 3 kernel; colour jitter (brightness,
-       contrast, saturation factors in [0.8, 1.2], hue shift in [-0.2, 0.2], in random order);
-       Gaussian blur with an odd kernel in {3, 5, 7} and sigma derived from it - p_blur.
-
-    Geometric steps (1, 2) move image and mask together; photometric ones touch the image only.
-    Every random draw uses Python's ``random`` module (noise via a numpy Generator seeded from it).
-    """
-
-    def __init__(
-        self,
-        p_rotate: float = 0.5,
-        max_angle: float = 30.0,
-        p_rot90: float = 0.5,
-        p_brightness_contrast: float = 0.5,
-        brightness_limit: float = 0.2,
-        contrast_limit: float = 0.2,
-        p_noise: float = 0.5,
-        noise_var: tuple[float, float] = (10.0, 50.0),
-        p_blur: float = 0.5,
-    ):
-        self.p_rotate = p_rotate
-        self.max_angle = max_angle
-        self.p_rot90 = p_rot90
-        self.p_brightness_contrast = p_brightness_contrast
-        self.brightness_limit = brightness_limit
-        self.contrast_limit = contrast_limit
-        self.p_noise = p_noise
-        self.noise_var = noise_var
-        self.p_blur = p_blur
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if random.random() < self.p_rotate:
-            angle = random.uniform(-self.max_angle, self.max_angle)
-            image, mask = rotate(image, mask, angle)
-        if random.random() < self.p_rot90:
-            k = random.randint(1, 3)
-            image = np.ascontiguousarray(np.rot90(image, k))
-            mask = np.ascontiguousarray(np.rot90(mask, k))
-        if random.random() < self.p_brightness_contrast:
-            contrast = 1.0 + random.uniform(-self.contrast_limit, self.contrast_limit)
-            brightness = random.uniform(-self.brightness_limit, self.brightness_limit)
-            image = brightness_contrast(image, brightness, contrast)
-        if random.random() < self.p_noise:
-            variance = random.uniform(*self.noise_var)
-            image = gaussian_noise(image, math.sqrt(variance), random.getrandbits(64))
-        if random.random() < self.p_blur:
-            choice = random.randrange(3)
-            if choice == 0:
-                image = cv2.blur(image, (3, 3))
-            elif choice == 1:
-                image = color_jitter(image)
-            else:
-                ksize = random.choice((3, 5, 7))
-                image = cv2.GaussianBlur(image, (ksize, ksize), 0)
-        return image, mask
-
-
-def rotate(image: np.ndarray, mask: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate image (bilinear) and mask (nearest) by ``angle`` degrees counter-clockwise."""
-    height, width = mask.shape
-    centre = ((width - 1) / 2.0, (height - 1) / 2.0)
-    matrix = cv2.getRotationMatrix2D(centre, angle, 1.0)
-    image = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REFLECT_101)
-    mask = cv2.warpAffine(mask, matrix, (width, height), flags=cv2.INTER_NEAREST,
-                          borderMode=cv2.BORDER_REFLECT_101)
-    return image, mask
-
-
-def brightness_contrast(image: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
-    """``image * contrast + brightness * 255``, clipped to uint8."""
-    table = np.arange(256, dtype=np.float32) * contrast + brightness * 255.0
-    table = np.clip(np.rint(table), 0, 255).astype(np.uint8)
-    return cv2.LUT(image, table)
-
-
-def gaussian_noise(image: np.ndarray, sigma: float, seed: int) -> np.ndarray:
-    """Add N(0, sigma^2) noise (0-255 scale) per pixel and channel, clipped to uint8."""
-    noise = np.random.default_rng(seed).normal(0.0, sigma, size=image.shape)
-    return np.clip(np.rint(image.astype(np.float64) + noise), 0, 255).astype(np.uint8)
-
-
-def color_jitter(image: np.ndarray, brightness: float = 0.2, contrast: float = 0.2,
-                 saturation: float = 0.2, hue: float = 0.2) -> np.ndarray:
-    """Random brightness, contrast, saturation and hue changes in random order (uint8 RGB)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] uint8
-    steps = [
-        (F2.adjust_brightness, random.uniform(1 - brightness, 1 + brightness)),
-        (F2.adjust_contrast, random.uniform(1 - contrast, 1 + contrast)),
-        (F2.adjust_saturation, random.uniform(1 - saturation, 1 + saturation)),
-        (F2.adjust_hue, random.uniform(-hue, hue)),
-    ]
-    random.shuffle(steps)
-    for function, factor in steps:
-        tensor = function(tensor, factor)
-    return np.ascontiguousarray(tensor.permute(1, 2, 0).numpy())
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random draws in one epoch."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(epoch), int(index)])
+               .generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,15 +115,20 @@ class AnomalyDataset(Dataset):
             defaults of ``augment`` (on in train) and ``mosaic_prob`` (0.4 in train on mvtec).
         image_size: side S of the square network input.
         class_names: classes to keep (default: all classes of the meta file).
-        augment: ``None`` (mode default), ``True``/``False``, or a :class:`JointAugment`.
+        augment: ``None`` (mode default) or a bool: the official augmentation.
         mosaic_prob: ``None`` (mode default) or the probability of replacing a sample by a
             2 x 2 mosaic of anomalous images of its class.
         classification_only: ``None`` (true for HeadCT, BrainMRI, Br35H) or a bool; when true,
             masks are never read and every mask is zero.
+        seed: seed of the per-sample random draws (with the epoch and the sample index).
 
     Items are dicts: ``image`` float32 [3, S, S], ``mask`` float32 [1, S, S] in {0, 1},
     ``label`` int (0 normal, 1 anomalous), ``cls_name``, ``img_path`` (joined with root),
     ``specie_name``. Classes come in sorted order; within a class the meta file's order is kept.
+
+    The augmentation expects three-channel images, as the official code (which fails on
+    others); a training image of another mode (grey, palette, RGBA, 16-bit) is converted to
+    RGB first.
     """
 
     def __init__(
@@ -306,9 +138,10 @@ class AnomalyDataset(Dataset):
         mode: str = "test",
         image_size: int = 518,
         class_names: Iterable[str] | None = None,
-        augment: bool | JointAugment | None = None,
+        augment: bool | None = None,
         mosaic_prob: float | None = None,
         classification_only: bool | None = None,
+        seed: int = 0,
     ):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
@@ -322,18 +155,15 @@ class AnomalyDataset(Dataset):
             dataset_name in CLASSIFICATION_ONLY if classification_only is None
             else bool(classification_only)
         )
-        if augment is None:
-            augment = mode == "train"
-        if isinstance(augment, JointAugment):
-            self.augmentation: JointAugment | None = augment
-        else:
-            self.augmentation = JointAugment() if augment else None
+        self.augment = mode == "train" if augment is None else bool(augment)
         if mosaic_prob is None:
             mvtec_training = mode == "train" and dataset_name == "mvtec"
             mosaic_prob = MVTEC_MOSAIC_PROB if mvtec_training else 0.0
         if not 0.0 <= float(mosaic_prob) <= 1.0:
             raise ValueError(f"mosaic_prob must be in [0, 1], got {mosaic_prob}.")
         self.mosaic_prob = float(mosaic_prob)
+        self.seed = int(seed)
+        self.epoch = 0
 
         self.meta_file = meta_path(self.root, dataset_name)
         test_split = load_meta(self.root, dataset_name)["test"]
@@ -372,10 +202,11 @@ class AnomalyDataset(Dataset):
             self.samples.extend(kept)
         self.class_names = selected
         # Anomalous samples of each class, for the mosaic.
-        self.anomalous_indices: dict[str, list[int]] = {name: [] for name in selected}
+        self.anomalous_indices: dict[str, list[int]] = {}
         for index, sample in enumerate(self.samples):
+            pool = self.anomalous_indices.setdefault(sample["cls_name"], [])
             if sample["label"] == 1:
-                self.anomalous_indices[sample["cls_name"]].append(index)
+                pool.append(index)
 
     def _check_sample(self, entry: dict, cls_name: str) -> dict:
         anomaly = entry.get("anomaly")
@@ -403,27 +234,16 @@ class AnomalyDataset(Dataset):
                 f"mode={self.mode!r}, image_size={self.image_size}, samples={len(self)}, "
                 f"classes={len(self.class_names)})")
 
+    def set_epoch(self, epoch: int) -> None:
+        """Give the random draws of the coming epoch (workers started afterwards see it)."""
+        self.epoch = int(epoch)
+
     # -- reading files ---------------------------------------------------------------------
 
-    @staticmethod
-    def _open_resized(path: str, size: tuple[int, int], resize, what: str) -> np.ndarray:
-        """``resize(PIL image, size)`` of the file, or a DatasetError naming it."""
-        try:
-            with Image.open(path) as handle:
-                return resize(handle, size)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise DatasetError(
-                f"Cannot read {what} {path} ({type(error).__name__}: {error}); check the file or "
-                f"convert the dataset again with dataset/make_dataset.py."
-            ) from None
+    def _has_mask(self, sample: dict) -> bool:
+        return sample["label"] == 1 and not self.classification_only
 
-    def _read_image(self, path: str, size: tuple[int, int]) -> np.ndarray:
-        return self._open_resized(path, size, _resize_rgb, "image")
-
-    def _read_mask(self, sample: dict, size: tuple[int, int]) -> np.ndarray:
-        """uint8 {0, 255} [H, W]; zeros for normal samples and classification-only data."""
-        if sample["label"] == 0 or self.classification_only:
-            return np.zeros((size[1], size[0]), dtype=np.uint8)
+    def _mask_file(self, sample: dict) -> str:
         path = sample["mask_path"]
         if not path:
             raise DatasetError(
@@ -435,54 +255,73 @@ class AnomalyDataset(Dataset):
                 f"Mask file {path} of anomalous image {sample['img_path']} not found; convert the "
                 f"dataset again, or pass classification_only=True for data without masks."
             )
-        return self._open_resized(path, size, _resize_mask, "mask")
+        return path
 
-    def load_arrays(self, index: int, size: tuple[int, int] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed uint8 image [H, W, 3] and mask {0, 255} [H, W] of sample ``index``."""
+    def read_sample(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
+        """The image of sample ``index`` as opened, and its full-size {0, 255} mask (None for
+        normal samples and classification-only data). A mask whose size differs from its
+        image's is an error naming both files."""
         sample = self.samples[index]
-        size = size or (self.image_size, self.image_size)
-        return self._read_image(sample["img_path"], size), self._read_mask(sample, size)
+        image = read_image(sample["img_path"])
+        if not self._has_mask(sample):
+            return image, None
+        path = self._mask_file(sample)
+        mask = read_mask(path)
+        if mask.size != image.size:
+            raise DatasetError(
+                f"Mask {path} is {mask.size[0]} x {mask.size[1]} but its image "
+                f"{sample['img_path']} is {image.size[0]} x {image.size[1]} (width x height); "
+                f"convert the dataset again or fix the mask.")
+        return image, binary_mask(mask)
 
-    def mosaic(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """2 x 2 mosaic of four samples: quadrants top-left, top-right, bottom-left, bottom-right.
-
-        Each source is preprocessed at its quadrant's size (S // 2 or S - S // 2 per side).
-        Returns uint8 image [S, S, 3] and mask {0, 255} [S, S].
-        """
+    def mosaic(self, indices: Sequence[int]) -> tuple[Image.Image, np.ndarray]:
+        """2 x 2 mosaic of four samples (top-left, top-right, bottom-left, bottom-right), each
+        pasted at its original size into an RGB canvas twice the first one's width and height
+        (larger images are cut at the canvas border, smaller ones leave black). Returns the
+        canvas and its {0, 255} mask."""
         if len(indices) != 4:
             raise ValueError(f"a mosaic needs 4 samples, got {len(indices)}.")
-        size = self.image_size
-        cuts = (0, size // 2, size)
-        image = np.zeros((size, size, 3), dtype=np.uint8)
-        mask = np.zeros((size, size), dtype=np.uint8)
+        first = None
         for position, index in enumerate(indices):
+            image, mask = self.read_sample(index)
+            if first is None:
+                width, height = first = image.size
+                canvas = Image.new("RGB", (2 * width, 2 * height))
+                canvas_mask = np.zeros((2 * height, 2 * width), dtype=np.uint8)
             row, col = divmod(position, 2)
-            top, bottom = cuts[row], cuts[row + 1]
-            left, right = cuts[col], cuts[col + 1]
-            tile_image, tile_mask = self.load_arrays(index, (right - left, bottom - top))
-            image[top:bottom, left:right] = tile_image
-            mask[top:bottom, left:right] = tile_mask
-        return image, mask
+            top, left = row * first[1], col * first[0]
+            canvas.paste(image.convert("RGB"), (left, top))
+            if mask is not None:
+                h = min(mask.shape[0], canvas_mask.shape[0] - top)
+                w = min(mask.shape[1], canvas_mask.shape[1] - left)
+                canvas_mask[top:top + h, left:left + w] = mask[:h, :w]
+        return canvas, canvas_mask
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         cls_name = sample["cls_name"]
+        rng = random.Random(sample_seed(self.seed, self.epoch, index))
         pool = self.anomalous_indices[cls_name]
-        if self.mosaic_prob > 0 and pool and random.random() < self.mosaic_prob:
-            chosen = random.sample(pool, 4) if len(pool) >= 4 else random.choices(pool, k=4)
+        if self.mosaic_prob > 0 and pool and rng.random() < self.mosaic_prob:
+            chosen = [rng.choice(pool) for _ in range(4)]          # with replacement
             image, mask = self.mosaic(chosen)
             label, specie_name = 1, "mosaic"
             img_path = "|".join(self.samples[i]["img_path"] for i in chosen)
         else:
-            image, mask = self.load_arrays(index)
+            image, mask = self.read_sample(index)
             label, specie_name = sample["label"], sample["specie_name"]
             img_path = sample["img_path"]
-        if self.augmentation is not None:
-            image, mask = self.augmentation(image, mask)
+        if self.augment:
+            rgb = rgb_array(image)
+            if mask is None:
+                mask = np.zeros(rgb.shape[:2], dtype=np.uint8)
+            rgb, mask, _ = augment_rgb(rgb, mask, rng)
+            image = Image.fromarray(rgb)
+        size = self.image_size
         return {
-            "image": _image_tensor(image),  # [3, S, S]
-            "mask": _mask_tensor(mask),  # [1, S, S]
+            "image": preprocess_image(image, size),  # [3, S, S]
+            "mask": (torch.zeros(1, size, size) if mask is None
+                     else preprocess_mask(mask, size)),  # [1, S, S]
             "cls_name": cls_name,
             "label": label,
             "img_path": img_path,

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 # OpenAI's download addresses embed each file's SHA-256.
@@ -36,10 +38,6 @@ OPENAI_SHA256 = {
 DEFAULT_CLIP_FILE = "ViT-L-14-336px.pt"
 # Entries of OpenAI's archives that are not weights.
 EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-class WeightsError(RuntimeError):
-    """A weights file is missing, unreadable or does not match the model."""
 
 
 def openai_url(name: str) -> str:
@@ -149,6 +147,16 @@ class CLIPGeometry:
     @property
     def native_image_size(self) -> int:
         return self.patch_size * self.grid_size
+
+    @property
+    def name(self) -> str:
+        """OpenAI's name of the image tower, e.g. "ViT-L/14@336px" ("ViT-B/16" at its native
+        224 px), or its shape for other geometries."""
+        known = {(768, 12): "B", (1024, 24): "L", (1280, 32): "H"}
+        size = known.get((self.vision_width, self.vision_layers),
+                         f"{self.vision_width}x{self.vision_layers}")
+        name = f"ViT-{size}/{self.patch_size}"
+        return name if self.native_image_size == 224 else f"{name}@{self.native_image_size}px"
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "CLIPGeometry":
@@ -345,6 +353,12 @@ def _missing_file_message(path: str) -> str:
     expected = name if name in OPENAI_SHA256 else DEFAULT_CLIP_FILE
     return (f"CLIP weights not found at '{path}': download {expected} from "
             f"{openai_url(expected)} and put it there (see pretrained_weight/README.md)")
+
+
+def require_clip_file(path: str | os.PathLike) -> None:
+    """A WeightsError saying where to get the file when ``path`` is not a file."""
+    if not os.path.isfile(path):
+        raise WeightsError(_missing_file_message(os.fspath(path)))
 
 
 def sha256_of(path: str, chunk: int = 1 << 22) -> str:

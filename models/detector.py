@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from utils.misc import autocast
-
 from .bayes_pfl import BayesPFL, FlowSamples, Samples
+from .checkpoint import load_state, open_checkpoint
+from .clip import load_clip, require_clip_file
+from .errors import SettingsError
+from .precision import autocast
+from .spec import ModelSpec, resolve_spec
+
+log = logging.getLogger(__name__)
 
 
 class AnomalyDetector:
@@ -42,53 +48,70 @@ class AnomalyDetector:
         self.precision = precision
         self.map_chunk = map_chunk
         self._states: tuple[FlowSamples, FlowSamples] | None = None
+        # the settings the detector was built with, when known (``from_files`` sets them)
+        self.spec: ModelSpec | None = None
 
     # --------------------------------------------------------------------------------------
     # Convenience API for notebooks and predict.py
 
     @classmethod
-    def from_files(cls, clip_path: str, checkpoint_path: str, image_size: int = 518,
-                    device: str | torch.device | None = None, sample_num: int = 10,
-                    stage: int | None = None, layers: Sequence[int] = (6, 12, 18, 24),
-                    prompt_num: int = 3, prompt_context_len: int = 5, prompt_state_len: int = 5,
-                    num_flows: int = 10, activation: str = "gelu", precision: str = "fp32",
-                    verify: bool = True) -> "AnomalyDetector":
+    def from_files(cls, clip_path: str, checkpoint_path: str, image_size: int | None = None,
+                   device: str | torch.device | None = None, sample_num: int = 10,
+                   stage: int | None = None, layers: Sequence[int] | None = None,
+                   prompt_num: int | None = None, prompt_context_len: int | None = None,
+                   prompt_state_len: int | None = None, num_flows: int | None = None,
+                   activation: str | None = None, precision: str = "fp32",
+                   verify: bool = True) -> "AnomalyDetector":
         """Load OpenAI's CLIP file and a Bayes-PFL checkpoint and build a detector.
 
-        ``device`` None: CUDA when available, else CPU. ``stage`` None: read from the file name
-        (``epoch_post_{e}_{stage}.pth``), else 2."""
-        from utils.checkpoint import load_checkpoint, stage_from_filename
-
-        from .clip import load_clip
-
+        Model settings left at None come from the checkpoint when it records them (files this
+        project writes), else the official defaults (518 px, layers 6 12 18 24, N = 3, P = Q =
+        5, K = 10, GELU); settings given must agree with the record. ``stage`` None: the
+        recorded stage, else the file-name rule ``epoch_post_{e}_{stage}.pth``, else 2 (the
+        released files). ``device`` None: CUDA when available, else CPU. The log says where
+        the stage and the settings came from."""
+        require_clip_file(clip_path)              # the first file first, before any reading
+        checkpoint = open_checkpoint(checkpoint_path)
+        spec = resolve_spec({"image_size": image_size, "layers": layers, "prompt_num": prompt_num,
+                             "prompt_context_len": prompt_context_len,
+                             "prompt_state_len": prompt_state_len, "num_flows": num_flows,
+                             "activation": activation}, checkpoint.spec, checkpoint_path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        clip = load_clip(clip_path, image_size=image_size, device=device, activation=activation,
-                         verify=verify)
-        model = BayesPFL.from_clip(clip, prompt_num=prompt_num,
-                                   prompt_context_len=prompt_context_len,
-                                   prompt_state_len=prompt_state_len, num_flows=num_flows,
-                                   layers=layers)
-        load_checkpoint(model, checkpoint_path)
+        clip = load_clip(clip_path, image_size=spec.image_size, device=device,
+                         activation=spec.activation, verify=verify)
+        if spec.backbone is not None and spec.backbone != clip.geometry.name:
+            raise SettingsError(f"{checkpoint_path} was trained on CLIP {spec.backbone} (recorded "
+                                f"in the file) but {clip_path} is {clip.geometry.name}: pass "
+                                f"the CLIP file it was trained with")
+        spec = ModelSpec.from_dict({**spec.to_dict(), "backbone": clip.geometry.name})
+        model = BayesPFL.from_clip(clip, **spec.bayes_pfl_kwargs())
+        load_state(model, checkpoint.state_dict, checkpoint_path)
         model.eval()
+        settings = ("recorded in the checkpoint" if checkpoint.spec is not None else
+                    "the official defaults (the checkpoint records none)")
+        log.info("model settings %s: %s", settings, spec.to_dict())
         if stage is None:
-            stage = stage_from_filename(checkpoint_path)
-        return cls(clip, model, image_size=image_size, sample_num=sample_num, stage=stage,
-                   layers=layers, precision=precision)
+            stage = checkpoint.stage
+            log.info("stage %d: %s", stage, checkpoint.stage_source)
+        else:
+            log.info("stage %d: asked for", stage)
+        detector = cls(clip, model, image_size=spec.image_size, sample_num=sample_num,
+                       stage=stage, layers=spec.layers, precision=precision)
+        detector.spec = spec
+        return detector
 
+    def preprocess(self, image, exif_transpose: bool = False) -> torch.Tensor:
+        """A path, a PIL image (any mode) or a numpy array -> the network input [3, S, S], as in
+        evaluation (``dataset.transforms.preprocess_image``). ``exif_transpose``: turn a file
+        upright by its EXIF orientation first (photos from phones)."""
+        from dataset.transforms import preprocess_image, to_pil_image
 
-    def preprocess(self, image) -> torch.Tensor:
-        """A PIL image (any mode), a path or a numpy array -> preprocessed tensor [3, S, S]
-        (bicubic resize, CLIP normalisation, as in evaluation)."""
-        from dataset.data import preprocess_image
-        from utils.images import to_rgb
-
-        return preprocess_image(to_rgb(image), self.image_size)
-
+        return preprocess_image(to_pil_image(image, exif_transpose), self.image_size)
 
     def predict_images(self, images: Sequence, class_name: str | Sequence[str],
                        batch_size: int = 8, smooth_sigma: float = 8.0,
-                       seed: int | None = None) -> list[dict]:
+                       seed: int | None = None, exif_transpose: bool = True) -> list[dict]:
         """Score images (PIL, paths or arrays) of one class (or one class name each).
 
         Returns one dict per image: ``text_score`` (mean abnormal probability of the prompt
@@ -100,8 +123,10 @@ class AnomalyDetector:
 
         ``seed``: when given, every image gets the same standard-normal draws (from a
         generator seeded with it), so that an image's result does not depend on the other
-        images of the call or on its position; None: draws from the torch RNG as ``predict``."""
-        from utils.images import to_rgb
+        images of the call or on its position; None: draws from the torch RNG as ``predict``.
+        ``exif_transpose``: files are turned upright by their EXIF orientation (as image viewers
+        show them; the official code ignores it); files without one are read identically."""
+        from dataset.transforms import preprocess_image, to_pil_image
         from utils.protocol import gaussian_smooth, topk_for_class
 
         names = [class_name] * len(images) if isinstance(class_name, str) else list(class_name)
@@ -109,8 +134,8 @@ class AnomalyDetector:
             raise ValueError(f"{len(names)} class names for {len(images)} images")
         results = []
         for start in range(0, len(images), batch_size):
-            chunk = [to_rgb(im) for im in images[start:start + batch_size]]
-            batch = torch.stack([self.preprocess(im) for im in chunk])
+            chunk = [to_pil_image(im, exif_transpose) for im in images[start:start + batch_size]]
+            batch = torch.stack([preprocess_image(im, self.image_size) for im in chunk])
             chunk_names = names[start:start + batch_size]
             out = self.predict(batch, chunk_names, self._seeded_noise(seed, len(chunk)))
             maps = out["anomaly_map"].float()

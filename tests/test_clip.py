@@ -165,8 +165,10 @@ def test_text_embedding_entry_cut_equals_full(clip_files):
     eot = tokens.argmax(-1)
     full = m.encode_text_embeddings(emb, eot)
     cut = m.encode_text_embeddings(emb[:, : int(eot.max()) + 1], eot)
-    torch.testing.assert_close(cut, full, rtol=0, atol=1e-6)
-    torch.testing.assert_close(m.encode_text(tokens), full, rtol=0, atol=1e-6)
+    # exact in real arithmetic (causal mask); float32 kernels of another length may differ in
+    # the last bits (1.1e-6 seen on one CPU), a wrong cut by O(1)
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(m.encode_text(tokens), full, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="context length"):
         m.encode_text_embeddings(torch.zeros(1, 78, 64), torch.tensor([3]))
 

@@ -325,7 +325,8 @@ def test_checkpoint_files(straight_run, tiny_files):
     clip = load_clip(tiny_files[0], image_size=32)
     for path in result.checkpoints + [result.best_path]:
         obj = torch.load(path, weights_only=True)
-        assert list(obj) == ["MyModel"] and len(obj["MyModel"]) == 131
+        assert set(obj) == {"MyModel", "stage", "model_spec"} and len(obj["MyModel"]) == 131
+        assert obj["model_spec"]["layers"] == LAYERS and obj["model_spec"]["image_size"] == 32
         load_checkpoint(fresh_model(clip, seed=1), path)             # strict
     last = torch.load(os.path.join(cfg.save_path, "last.pth"), weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "controller", "remembered", "epoch",

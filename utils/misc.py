@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -11,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from models.precision import PRECISIONS, autocast  # noqa: F401  (re-exported)
 
 
 def set_seed(seed: int) -> None:
@@ -32,14 +31,6 @@ def resolve_device(device: str | None = None, device_id: int | None = None) -> t
         raise ValueError("--device cuda was asked for but no CUDA device is available; "
                          "use --device cpu")
     return dev
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for "bf16"/"fp16"; a no-op for "fp32"."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def setup_logging(log_file: str | None = None, level: int = logging.INFO,

@@ -60,6 +60,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from dataset.data import AnomalyDataset, DatasetError, load_meta, make_loader
 from models import AnomalyDetector, BayesPFL, load_clip
 from utils import distributed as dist_utils
+from models.spec import ModelSpec
 from utils.checkpoint import atomic_save, save_checkpoint
 from utils.evaluate import iterate_classes
 from utils.metrics import average_precision
@@ -179,6 +180,14 @@ class TrainResult:
     best_path: str | None
     last_path: str | None
     model: BayesPFL | None = field(default=None, repr=False)
+
+
+def model_spec(config: TrainConfig, clip) -> ModelSpec:
+    """The settings of the model a run trains (recorded in its checkpoints)."""
+    return ModelSpec(prompt_num=config.prompt_num, prompt_context_len=config.prompt_context_len,
+                     prompt_state_len=config.prompt_state_len, num_flows=config.num_flows,
+                     layers=tuple(config.features_list), image_size=config.image_size,
+                     activation=config.activation, backbone=clip.geometry.name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -704,16 +713,15 @@ class Trainer:
         cfg = self.config
         self.plan = plan_data(cfg)
         train_ds = AnomalyDataset(self.plan.train_root, self.plan.train_dataset, mode="train",
-                                  image_size=cfg.image_size, class_names=self.plan.train_classes)
+                                  image_size=cfg.image_size, class_names=self.plan.train_classes,
+                                  seed=cfg.seed)
         self.val_ds = AnomalyDataset(self.plan.val_root, self.plan.val_dataset, mode="test",
                                      image_size=cfg.image_size, class_names=self.plan.val_classes)
         self.clip = load_clip(cfg.pretrained_path, image_size=cfg.image_size, device=self.device,
                               activation=cfg.activation, verify=cfg.verify_weights)
         torch.manual_seed(cfg.seed)
-        self.model = BayesPFL.from_clip(self.clip, prompt_num=cfg.prompt_num,
-                                        prompt_context_len=cfg.prompt_context_len,
-                                        prompt_state_len=cfg.prompt_state_len,
-                                        num_flows=cfg.num_flows, layers=cfg.features_list)
+        self.spec = model_spec(cfg, self.clip)
+        self.model = BayesPFL.from_clip(self.clip, **self.spec.bayes_pfl_kwargs())
         self.model.to(self.device)
         dist_utils.broadcast_module(self.model)
         self.step_module = TrainingStep(self.model, self.clip)
@@ -799,6 +807,8 @@ class Trainer:
     def _seed_epoch(self, epoch: int) -> list[int]:
         cfg, rank = self.config, self.dist.rank
         set_seed(derive_seed(cfg.seed, epoch, rank, _SEED_GLOBAL))
+        if isinstance(self.train_set, AnomalyDataset):
+            self.train_set.set_epoch(epoch)           # per-sample draws of this epoch
         self.loader.generator.manual_seed(derive_seed(cfg.seed, epoch, rank, _SEED_LOADER))
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
@@ -866,6 +876,8 @@ class Trainer:
             "checkpoints": self.checkpoints,
             "best_path": self.best_path,
             "finished": finished,
+            "stage": self.history[-1]["stage"] if self.history else 1,
+            "model_spec": self.spec.to_dict(),
         }, path)
         return path
 
@@ -922,14 +934,14 @@ class Trainer:
             self._log_epoch(record, result)
             if self.main and epoch % cfg.save_freq == 0:
                 path = os.path.join(cfg.save_path, f"epoch_post_{epoch}_{stage}.pth")
-                save_checkpoint(self.model, path)
+                save_checkpoint(self.model, path, stage, self.spec)
                 self.checkpoints.append(path)
             decision = self.controller.update(epoch, result.pixel_ap, result.image_ap)
             if decision.improved:
                 self.remembered[stage] = _cpu_copy(self.model.state_dict())
                 if self.main:
                     self.best_path = os.path.join(cfg.save_path, "best.pth")
-                    save_checkpoint(self.model, self.best_path)
+                    save_checkpoint(self.model, self.best_path, stage, self.spec)
                 self.info(f"epoch {epoch}: best {'pixel' if stage == 1 else 'image'} AP so far "
                           f"({decision.value:.4f}); parameters remembered, best.pth written")
             if decision.restore:

@@ -7,16 +7,15 @@ import os
 import cv2
 import numpy as np
 
+from dataset.transforms import read_image, resize_image
+
 
 def read_rgb(path: str, size: int | None = None) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3], optionally resized to size x size."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image '{path}'")
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if size is not None and image.shape[:2] != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
-    return image
+    """An image file as uint8 RGB [H, W, 3], optionally resized to size x size exactly as the
+    network input was (``dataset.transforms``: bicubic in the file's own mode, then RGB)."""
+    image = read_image(path)
+    return np.asarray(resize_image(image, size) if size is not None else
+                      image.convert("RGB"), dtype=np.uint8)
 
 
 def heat_overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5,

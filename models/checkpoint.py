@@ -1,0 +1,137 @@
+"""Bayes-PFL checkpoint files.
+
+The official format is ``{"MyModel": state_dict}`` (SPEC section 5). Files this project writes
+add the stage the parameters were trained in and the model settings (:class:`ModelSpec`)
+beside ``MyModel``; the official loader reads only ``MyModel``, so they stay loadable there.
+Readers use the recorded stage, else the official file-name rule (``epoch_post_{epoch}_{stage}
+.pth``), else 2 (the released files), and say which.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .clip import check_state_dict
+from .errors import WeightsError
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+BAYES_WEIGHTS = {
+    "train_visa.pth": "https://drive.google.com/file/d/1rNs_rdTmrg4JshmKHotq6AN1gqTpPjvm/view",
+    "train_mvtec.pth": "https://drive.google.com/file/d/1EHa4jPi7r8jmRVURoZ4yH2-jqDt6K1Ni/view",
+}
+_STAGE = re.compile(r"epoch_post_\d+_(\d+)\.pth$")
+
+
+def stage_from_filename(path: str) -> int:
+    """``epoch_post_{epoch}_{stage}.pth`` -> stage; other names (released files) -> 2."""
+    m = _STAGE.search(os.path.basename(path))
+    return int(m.group(1)) if m else 2
+
+
+@dataclass
+class Checkpoint:
+    """A Bayes-PFL checkpoint as read: the state dict, the stage to evaluate it with and where
+    that came from, and the recorded settings (None for files that record none)."""
+
+    path: str
+    state_dict: dict[str, torch.Tensor]
+    stage: int
+    stage_source: str
+    spec: ModelSpec | None
+
+
+def _load(path: str):
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        hint = (f"download {name} from {BAYES_WEIGHTS[name]} into bayes_weight/"
+                if name in BAYES_WEIGHTS else
+                "train one with train.py or download train_visa.pth / train_mvtec.pth "
+                "(see bayes_weight/README.md)")
+        raise WeightsError(f"Bayes-PFL checkpoint not found at '{path}': {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise WeightsError(f"'{path}' is not a checkpoint torch can read ({type(e).__name__}); "
+                           "download or save it again") from None
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Read an official-format checkpoint, one written by this project, a bare state dict or
+    a resumable ``last.pth``."""
+    path = os.fspath(path)
+    obj = _load(path)
+    record = obj if isinstance(obj, dict) else {}
+    if "MyModel" in record:
+        sd = record["MyModel"]
+    elif isinstance(record.get("model"), dict):                  # last.pth
+        sd = record["model"]
+    else:
+        sd = obj
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor)
+                                                     for v in sd.values()):
+        raise WeightsError(f"'{path}' is not a Bayes-PFL checkpoint (expected "
+                           "{'MyModel': state_dict})")
+    spec = None
+    if isinstance(record.get("model_spec"), dict):
+        spec = ModelSpec.from_dict(record["model_spec"])
+    if record.get("stage") in (1, 2):
+        stage, source = int(record["stage"]), "recorded in the file"
+    elif _STAGE.search(os.path.basename(path)):
+        stage, source = stage_from_filename(path), "from the file name epoch_post_{e}_{stage}"
+    else:
+        stage, source = 2, "the default of files that record none (released checkpoints)"
+    return Checkpoint(path, sd, stage, source, spec)
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint (see :func:`open_checkpoint`)."""
+    return open_checkpoint(path).state_dict
+
+
+def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:
+    """Strictly load ``sd`` into ``model``; a mismatch names the differing keys (e.g. a
+    checkpoint made for another CLIP or other prompt settings)."""
+    check_state_dict(model, sd, path)
+    model.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Strictly load the checkpoint at ``path`` into ``model``."""
+    load_state(model, read_checkpoint(path), path)
+
+
+def checkpoint_record(model: torch.nn.Module, stage: int | None = None,
+                      spec: ModelSpec | None = None) -> dict:
+    """``{"MyModel": state_dict}`` plus the stage and the settings when known."""
+    record: dict = {"MyModel": model.state_dict()}
+    if stage is not None:
+        record["stage"] = int(stage)
+    if spec is not None:
+        record["model_spec"] = spec.to_dict()
+    return record
+
+
+def save_checkpoint(model: torch.nn.Module, path: str, stage: int | None = None,
+                    spec: ModelSpec | None = None) -> None:
+    """Write the checkpoint of ``model`` atomically (temporary file, then rename)."""
+    atomic_save(checkpoint_record(model, stage, spec), path)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,74 @@
+"""Command-line pieces shared by the scripts: the model settings (official flag names), the
+runtime settings (device, precision), and the one way a script reports a user error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from models.precision import PRECISIONS
+from models.spec import ACTIVATIONS, ModelSpec
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:
+    """--features_list, --image_size, --prompt_num, --prompt_context_len, --prompt_state_len,
+    --num_flows, --activation. ``from_checkpoint``: the defaults are None, meaning "what the
+    checkpoint records, else the official value" (test.py, predict.py); otherwise the official
+    values (train.py)."""
+    spec = ModelSpec()
+
+    def default(value):
+        return None if from_checkpoint else value
+
+    def shown(value) -> str:
+        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return (f"default: recorded in the checkpoint, else {text}" if from_checkpoint
+                else f"default: {text}")
+
+    a = parser.add_argument
+    a("--features_list", type=int, nargs="+", default=default(list(spec.layers)),
+      help=f"1-based CLIP vision blocks whose tokens are used ({shown(spec.layers)})")
+    a("--image_size", type=int, default=default(spec.image_size),
+      help=f"input side S ({shown(spec.image_size)})")
+    a("--prompt_num", type=int, default=default(spec.prompt_num),
+      help=f"prompt bank size N ({shown(spec.prompt_num)})")
+    a("--prompt_context_len", type=int, default=default(spec.prompt_context_len),
+      help=f"context vectors P ({shown(spec.prompt_context_len)})")
+    a("--prompt_state_len", type=int, default=default(spec.prompt_state_len),
+      help=f"state vectors Q ({shown(spec.prompt_state_len)})")
+    a("--num_flows", type=int, default=default(spec.num_flows),
+      help=f"planar flows K ({shown(spec.num_flows)})")
+    a("--activation", choices=ACTIVATIONS, default=default(spec.activation),
+      help=f"CLIP MLP activation; the official code and checkpoints use exact GELU "
+           f"({shown(spec.activation)})")
+
+
+def model_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The model settings asked for on the command line (None: not asked for)."""
+    return {"layers": args.features_list, "image_size": args.image_size,
+            "prompt_num": args.prompt_num, "prompt_context_len": args.prompt_context_len,
+            "prompt_state_len": args.prompt_state_len, "num_flows": args.num_flows,
+            "activation": args.activation}
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, device_default: str = "auto") -> None:
+    """--device, --device_id, --precision, --tf32, --no_verify."""
+    a = parser.add_argument
+    a("--device", choices=DEVICES, default=device_default,
+      help="auto: CUDA when available, else the CPU")
+    a("--device_id", type=int, default=None,
+      help="CUDA index used with --device cuda (torchrun uses LOCAL_RANK instead)")
+    a("--precision", choices=tuple(PRECISIONS), default="fp32",
+      help="fp32 (the reference) or autocast around the frozen CLIP towers")
+    a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    a("--no_verify", action="store_true",
+      help="skip the SHA-256 check of OpenAI-named CLIP files")
+
+
+def fail(message: str, code: int = 1) -> int:
+    """Print a user error as one line on stderr; returns the exit code."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
