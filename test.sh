@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The paper's zero-shot evaluation: 15 datasets, official settings (518 px, layers 6 12 18 24,
-# R 10, seed 333). train_visa.pth for every dataset but VisA, train_mvtec.pth for VisA.
+# The paper's zero-shot evaluation: its 15 test datasets, official settings (518 px, layers
+# 6 12 18 24, R 10, seed 333), each with the released checkpoint the registry names for it
+# (dataset/registry.py: train_visa.pth for every dataset but VisA, train_mvtec.pth for VisA).
 # Then one summary table of the datasets' mean rows beside the paper's numbers.
 #
 # Environment: DATA (./dataset/mvisa/data), CLIP (./pretrained_weight/ViT-L-14-336px.pt),
@@ -15,29 +16,55 @@ OUT=${OUT:-./results}
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
-DATASETS="mvtec visa BTAD KSDD2 RSDD DAGM DTD HeadCT BrainMRI Br35H ISIC ClinicDB ColonDB Kvasir Endo"
 CLIP_URL=https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt
+
+# The datasets, and the released checkpoint of each, as "<dataset>:<checkpoint file>" words.
+DATASETS=$($PYTHON -m dataset.registry) || {
+  echo "test.sh: '$PYTHON -m dataset.registry' failed: run test.sh with the project's Python environment (PYTHON=...)" >&2
+  exit 1
+}
+plan=""
+for d in $DATASETS; do
+  ckpt=$($PYTHON -m dataset.registry --checkpoint "$d") || exit 1
+  plan="$plan $d:$ckpt"
+done
 
 missing=0
 say_missing() { echo "missing: $*" >&2; missing=1; }
 
 [ -f "$CLIP" ] || say_missing "$CLIP (CLIP ViT-L/14-336 weights): download $CLIP_URL into $(dirname "$CLIP")/"
-[ -f "$WEIGHTS/train_visa.pth" ] || say_missing "$WEIGHTS/train_visa.pth (for all datasets but VisA): download it from https://drive.google.com/file/d/1rNs_rdTmrg4JshmKHotq6AN1gqTpPjvm/view (see bayes_weight/README.md)"
-[ -f "$WEIGHTS/train_mvtec.pth" ] || say_missing "$WEIGHTS/train_mvtec.pth (for VisA): download it from https://drive.google.com/file/d/1EHa4jPi7r8jmRVURoZ4yH2-jqDt6K1Ni/view (see bayes_weight/README.md)"
+checked=" "
+for item in $plan; do
+  ckpt=${item#*:}
+  case "$checked" in *" $ckpt "*) continue ;; esac
+  checked="$checked$ckpt "
+  # which datasets the released checkpoint evaluates, and where to download it
+  case "$ckpt" in
+    train_visa.pth) use="for all datasets but VisA"; url=https://drive.google.com/file/d/1rNs_rdTmrg4JshmKHotq6AN1gqTpPjvm/view ;;
+    train_mvtec.pth) use="for VisA"; url=https://drive.google.com/file/d/1EHa4jPi7r8jmRVURoZ4yH2-jqDt6K1Ni/view ;;
+    *) use="for"; url="the project page"
+       for other in $plan; do [ "${other#*:}" = "$ckpt" ] && use="$use ${other%%:*}"; done ;;
+  esac
+  [ -f "$WEIGHTS/$ckpt" ] || say_missing "$WEIGHTS/$ckpt ($use): download it from $url (see bayes_weight/README.md)"
+done
 
 runnable=""
-for d in $DATASETS; do
-  if [ "$d" = visa ]; then ckpt="$WEIGHTS/train_mvtec.pth"; else ckpt="$WEIGHTS/train_visa.pth"; fi
+for item in $plan; do
+  d=${item%%:*}
+  ckpt="$WEIGHTS/${item#*:}"
   if [ ! -f "$DATA/meta_$d.json" ]; then
-    say_missing "$DATA/meta_$d.json ($d): convert the raw data with 'python dataset/make_dataset.py --dataset $d --src RAW --dst $DATA' then 'python dataset/make_meta.py --data_root $DATA --dataset $d' (see dataset/README.md)"
+    say_missing "$DATA/meta_$d.json ($d): convert the raw data with 'python -m dataset.make_dataset --dataset $d --src RAW --dst $DATA' then 'python -m dataset.make_meta --data_root $DATA --dataset $d' (see dataset/README.md)"
   elif [ -f "$CLIP" ] && [ -f "$ckpt" ]; then
-    runnable="$runnable $d"
+    runnable="$runnable $item"
   fi
 done
 
 failed=0
-for d in $runnable; do
-  if [ "$d" = visa ]; then ckpt="$WEIGHTS/train_mvtec.pth"; else ckpt="$WEIGHTS/train_visa.pth"; fi
+evaluated=""
+for item in $runnable; do
+  d=${item%%:*}
+  ckpt="$WEIGHTS/${item#*:}"
+  evaluated="$evaluated $d"
   echo "=== $d ($ckpt) ==="
   # shellcheck disable=SC2086
   $PYTHON test.py --dataset "$d" --data_path "$DATA" --checkpoint_path "$ckpt" \
@@ -52,7 +79,7 @@ if [ -n "$runnable" ]; then
 fi
 if [ "$missing" = 1 ]; then
   if [ -n "$runnable" ]; then
-    echo "some files are missing (listed above); evaluated:$runnable" >&2
+    echo "some files are missing (listed above); evaluated:$evaluated" >&2
   else
     echo "nothing could be evaluated: the files listed above are missing" >&2
   fi

@@ -1,30 +1,47 @@
 """Convert raw anomaly-detection datasets into the standardised layout.
 
-    python dataset/make_dataset.py --dataset mvtec --src /data/mvtec_anomaly_detection
-    python dataset/make_dataset.py --all --src-root /data/raw     # each from /data/raw/<Name>
+    python -m dataset.make_dataset --dataset mvtec --src /data/mvtec_anomaly_detection
+    python -m dataset.make_dataset --all --src-root /data/raw     # each from /data/raw/<Name>
 
-writes `<dst>/<Name>/<class>/{train/good, test/good, test/anomaly, ground_truth/anomaly}`
-(`--dst` defaults to `dataset/mvisa/data`). An existing `<dst>/<Name>` is replaced only with
-`--overwrite`, and only once the new conversion has succeeded: the files are written to
-`<dst>/.<Name>.partial` first. Then run `dataset/make_meta.py`. See dataset/README.md for the
-raw layouts.
+run from the repository root (`python dataset/make_dataset.py ...` works too once the project is
+installed with `pip install -e .`), writes `<dst>/<Name>/<class>/{train/good, test/good,
+test/anomaly, ground_truth/anomaly}` (`--dst` defaults to `dataset/mvisa/data`). Then run
+`python -m dataset.make_meta`. See dataset/README.md for the raw layouts.
+
+The files are written to `<dst>/.<Name>.partial` first. An existing `<dst>/<Name>` is replaced
+only with `--overwrite`, and only once the new conversion has succeeded, by two renames (the old
+output aside to `<dst>/.<Name>.old-<pid>`, the new one in) before the old copy is deleted. If a
+run is killed between the two renames, the next run restores the old output; it also removes
+what an interrupted run left behind, with a log line for each repair. The lock file
+`<dst>/.<Name>.lock` (holding the pid) stops two conversions writing one output at once; a lock
+whose process no longer runs is taken over.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shutil
+import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset.converters import CONVERTERS, DatasetError, execute  # noqa: E402
-from dataset.converters.common import find_dir  # noqa: E402
+try:
+    from dataset.errors import DatasetError
+except ModuleNotFoundError as missing:  # run as a file without the project installed
+    if missing.name != "dataset":
+        raise
+    sys.exit("make_dataset: the package 'dataset' cannot be imported: run 'python -m "
+             "dataset.make_dataset ...' from the repository root, or install the project with "
+             "'pip install -e .'.")
+from dataset.converters import CONVERTERS, execute
+from dataset.files import find_dir
 
 DEFAULT_DST = Path("dataset") / "mvisa" / "data"
 Counts = Dict[str, Dict[str, int]]
+LOG = logging.getLogger("dataset.make_dataset")
 
 
 class UnknownDatasetError(DatasetError):
@@ -39,16 +56,133 @@ def resolve_name(name: str) -> str:
     raise UnknownDatasetError(f"Unknown dataset '{name}': choose one of {', '.join(CONVERTERS)}.")
 
 
+# ----------------------------------------------------------------------------- output folder
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
+    elif _exists(path):
         path.unlink()
 
 
+def _lock_owner(path: Path) -> Optional[Tuple[Optional[int], str]]:
+    """(pid, host) written in the lock file `path`, None when there is no lock file; the pid is
+    None when the file holds none (a lock being created, or a damaged one)."""
+    try:
+        words = path.read_text(encoding="utf-8", errors="replace").split()
+    except FileNotFoundError:
+        return None
+    pid = int(words[0]) if words and words[0].isdigit() else None
+    return pid, (words[1] if len(words) > 1 else "")
+
+
+def _is_running(pid: int) -> bool:
+    """Whether process `pid` of this machine runs. This very process counts as not running:
+    its own lock is released on exit, so such a lock was left under a pid reused since."""
+    if pid == os.getpid():
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would signal the process there; assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:      # e.g. PermissionError: it runs under another user
+        return True
+    return True
+
+
+def _take_over_stale_lock(path: Path, out: Path, host: str) -> None:
+    """Remove the lock file `path` if the process that wrote it no longer runs; otherwise raise
+    the one-line DatasetError saying who writes `out`."""
+    owner = _lock_owner(path)
+    if owner is None:          # released meanwhile
+        return
+    pid, owner_host = owner
+    if pid is None or owner_host != host or _is_running(pid):
+        who = "another process" if pid is None else f"process {pid}"
+        if pid is not None and owner_host != host:
+            who += f" on {owner_host or 'another machine'}"
+        raise DatasetError(f"Output folder {out} is being written by another make_dataset "
+                           f"({who}, lock file {path}): wait for it to finish, or delete the "
+                           f"lock file if no conversion is running.")
+    if _lock_owner(path) == owner:   # unchanged: no other run took it over meanwhile
+        path.unlink(missing_ok=True)
+        LOG.warning("Took over the lock %s of process %d, which no longer runs.", path, pid)
+
+
+@contextmanager
+def output_lock(dst: Path, name: str) -> Iterator[Path]:
+    """Hold `<dst>/.<name>.lock` (created exclusively, holding "<pid> <host>") for the body."""
+    path, out, host = dst / f".{name}.lock", dst / name, socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over_stale_lock(path, out, host)
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(f"{os.getpid()} {host}\n")
+            yield path
+        finally:
+            if _lock_owner(path) in ((os.getpid(), host), (None, "")):
+                path.unlink(missing_ok=True)
+        return
+    raise DatasetError(f"Cannot take the lock {path}: other conversions of {name} keep taking "
+                       f"it; run one conversion at a time.")
+
+
+def recover(dst: Path, name: str) -> None:
+    """Repair what an interrupted run left in `dst` for `name` (call it holding the lock).
+
+    If `<dst>/<name>` is missing but an old copy `.<name>.old-<pid>` exists (a run killed between
+    the two renames of the swap), the old copy is restored; old copies beside an existing output
+    and the staging folder `.<name>.partial` of an unfinished conversion are removed.
+    """
+    out, prefix = dst / name, f".{name}.old-"
+    with os.scandir(dst) as entries:
+        backups = [Path(entry.path) for entry in entries if entry.name.startswith(prefix)]
+    backups.sort(key=lambda path: path.lstat().st_mtime)
+    if backups and not _exists(out):
+        newest = backups.pop()
+        os.rename(newest, out)
+        LOG.warning("Restored %s from %s, left by an interrupted --overwrite.", out, newest)
+    for backup in backups:
+        _remove(backup)
+        LOG.warning("Removed %s, the old output left by an interrupted --overwrite.", backup)
+    staging = dst / f".{name}.partial"
+    if _exists(staging):
+        _remove(staging)
+        LOG.warning("Removed %s, the unfinished output of an interrupted conversion.", staging)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Make `staging` the folder `out`; an existing `out` is renamed aside first and deleted
+    last, so an interruption leaves either output in place or the old one for :func:`recover`."""
+    backup = None
+    if _exists(out):
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, backup)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if backup is not None and not _exists(out):
+            os.rename(backup, out)    # put the old output back at once
+        raise
+    if backup is not None:
+        _remove(backup)
+
+
+# ----------------------------------------------------------------------------- conversion
+
 def convert(name: str, src, dst=DEFAULT_DST, overwrite: bool = False, progress: bool = True,
             brainmri_any_case: bool = False) -> Counts:
-    """Convert the raw dataset at `src` into `dst/<Name>`.
+    """Convert the raw dataset at `src` into `dst/<Name>` (see the module docstring).
 
     Returns the images written per class, {cls: {"train": n, "good": n, "anomaly": n}}.
     `brainmri_any_case` widens BrainMRI's file matching (see dataset/converters/brainmri.py).
@@ -61,22 +195,25 @@ def convert(name: str, src, dst=DEFAULT_DST, overwrite: bool = False, progress: 
     out = dst / name
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise DatasetError(f"Output folder {out} contains the source {src}: choose another --dst.")
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise DatasetError(f"Output folder {out} already exists: pass --overwrite to replace it.")
-
-    module = CONVERTERS[name]
-    plan = module.plan(src, any_case=True) if (name == "BrainMRI" and brainmri_any_case) \
-        else module.plan(src)
-    staging = dst / f".{name}.partial"
-    _remove(staging)
+    if _exists(dst) and not dst.is_dir():
+        raise DatasetError(f"Output root {dst} is a file, not a folder: choose another --dst.")
     dst.mkdir(parents=True, exist_ok=True)
-    try:
-        counts = execute(plan, staging, progress=progress, desc=name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _remove(out)
-    staging.rename(out)
+
+    with output_lock(dst, name):
+        recover(dst, name)
+        if _exists(out) and not overwrite:
+            raise DatasetError(f"Output folder {out} already exists: pass --overwrite to "
+                               f"replace it.")
+        module = CONVERTERS[name]
+        plan = module.plan(src, any_case=True) if (name == "BrainMRI" and brainmri_any_case) \
+            else module.plan(src)
+        staging = dst / f".{name}.partial"
+        try:
+            counts = execute(plan, staging, progress=progress, desc=name)
+            _swap_in(staging, out)
+        finally:
+            if _exists(staging):
+                shutil.rmtree(staging, ignore_errors=True)
     return counts
 
 
@@ -114,19 +251,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    options = dict(dst=args.dst, overwrite=args.overwrite,
-                   brainmri_any_case=args.brainmri_any_case)
-    if not args.all:
-        name = resolve_name(args.dataset)
-        try:
-            print(summary(name, convert(name, args.src, **options), args.dst / name))
-        except DatasetError as error:
-            print(f"make_dataset: {error}", file=sys.stderr)
-            return 1
-        return 0
+def _convert_and_report(name: str, src: Path, args: argparse.Namespace) -> bool:
+    """Convert one dataset, print its summary line or its one error line; True on success."""
+    try:
+        counts = convert(name, src, args.dst, overwrite=args.overwrite,
+                         brainmri_any_case=args.brainmri_any_case)
+    except DatasetError as error:
+        print(f"make_dataset: {error}", file=sys.stderr)
+        return False
+    except OSError as error:   # unreadable source, full disk, no permission, ...
+        print(f"make_dataset: Cannot convert {name}: {error}", file=sys.stderr)
+        return False
+    print(summary(name, counts, args.dst / name))
+    return True
 
+
+def _convert_all(args: argparse.Namespace) -> int:
     if not args.src_root.is_dir():
         print(f"make_dataset: Source root {args.src_root} not found: pass --src-root pointing at "
               f"the folder holding the raw <Name> folders.", file=sys.stderr)
@@ -136,18 +276,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         src = find_dir(args.src_root, name)
         if src is None:
             print(f"{name}: skipped, {args.src_root / name} not found")
-            continue
-        try:
-            print(summary(name, convert(name, src, **options), args.dst / name))
+        elif _convert_and_report(name, src, args):
             converted += 1
-        except DatasetError as error:
-            print(f"make_dataset: {error}", file=sys.stderr)
+        else:
             failed += 1
     if converted == 0 and failed == 0:
         print(f"make_dataset: No raw dataset folder found under {args.src_root}: expected folders "
               f"named {', '.join(CONVERTERS)}.", file=sys.stderr)
         return 1
     return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="make_dataset: %(message)s")
+    try:
+        if args.all:
+            return _convert_all(args)
+        return 0 if _convert_and_report(resolve_name(args.dataset), args.src, args) else 1
+    except KeyboardInterrupt:
+        print("make_dataset: Interrupted; existing outputs are kept, and the next run removes "
+              "what this one left half-written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

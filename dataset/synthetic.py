@@ -19,7 +19,7 @@ Two layouts:
   ``test/<defect>/*.png``, ``ground_truth/<defect>/<stem>_mask.png``;
 - standard (``write_standard`` / ``--standard``): ``<out>/<Name>/<cls>/{train/good, test/good,
   test/anomaly, ground_truth/anomaly}`` with ``.bmp`` images and ``.png`` masks named as the MVTec
-  converter names them, plus ``<out>/meta_<Name>.json``.
+  converter names them, plus ``<out>/meta_<Name>.json`` (written by ``dataset/make_meta.py``).
 
 Everything is deterministic for a seed: each image has its own numpy Generator seeded from
 (seed, category, split, defect, index).
@@ -30,7 +30,6 @@ Everything is deterministic for a seed: each image has its own numpy Generator s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -41,6 +40,8 @@ from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
+
+from dataset.make_meta import make_meta, write_meta
 
 TEXTURES = ("weave", "wood", "mesh", "gravel", "checker")
 OBJECTS = ("pill", "bolt", "ring")
@@ -527,35 +528,6 @@ def generate_raw(out: str, classes: Sequence[str] | None = None, seed: int = 0, 
     return classes
 
 
-def _meta_samples(data_root: str, name: str, cls: str, phase: str) -> list[dict] | None:
-    """Meta entries of one phase of one class, walked as dataset/make_meta.py walks them."""
-    phase_dir = os.path.join(data_root, name, cls, phase)
-    species = sorted(entry for entry in os.listdir(phase_dir)
-                     if os.path.isdir(os.path.join(phase_dir, entry)))
-    if not species:
-        return None
-    samples = []
-    for specie in species:
-        files = sorted(entry for entry in os.listdir(os.path.join(phase_dir, specie))
-                       if os.path.isfile(os.path.join(phase_dir, specie, entry)))
-        if not files and phase == "train":
-            samples.append({"img_path": "", "mask_path": "", "cls_name": cls,
-                            "specie_name": specie, "dataset_name": "", "anomaly": 0})
-        for file_name in files:
-            anomalous = specie != "good"
-            mask = (f"{name}/{cls}/ground_truth/{specie}/{file_name.replace('.bmp', '.png')}"
-                    if anomalous else "")
-            samples.append({
-                "img_path": f"{name}/{cls}/{phase}/{specie}/{file_name}",
-                "mask_path": mask,
-                "cls_name": cls,
-                "specie_name": specie,
-                "dataset_name": file_name.split("_")[0],
-                "anomaly": int(anomalous),
-            })
-    return samples
-
-
 def write_standard(out_root: str, name: str = "synthetic", classes: Sequence[str] | None = None,
                    seed: int = 0, size: int = 256, n_train: int = 6, n_test_good: int = 6,
                    n_test_anomaly: int = 12, overwrite: bool = False) -> str:
@@ -588,14 +560,9 @@ def write_standard(out_root: str, name: str = "synthetic", classes: Sequence[str
                 _write(os.path.join(root, "ground_truth", "anomaly", f"{stem}.png"),
                        mask.astype(np.uint8) * 255)
             counter += 1
-    meta = {"train": {}, "test": {}}
-    for phase in ("train", "test"):
-        for category in classes:
-            samples = _meta_samples(out_root, name, category, phase)
-            if samples is not None:
-                meta[phase][category] = samples
-    with open(meta_file, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(meta, indent=4) + "\n")
+    # The meta file as dataset/make_meta.py writes it, of these classes (a name such as "mvtec"
+    # would otherwise ask for the official class list).
+    write_meta(out_root, name, make_meta(out_root, name, classes=classes))
     return meta_file
 
 
@@ -632,9 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate_raw(args.out, args.classes, args.seed, args.size, args.n_train,
                          args.n_test_good, args.n_test_anomaly, overwrite=args.overwrite)
             where = args.out
-    except (ValueError, FileExistsError, OSError) as error:
+    except (ValueError, FileExistsError, OSError) as error:   # DatasetError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the output under {args.out} is incomplete: run again with "
+              f"--overwrite.", file=sys.stderr)
+        return 130
     classes = _check_classes(args.classes)
     total = len(classes) * (args.n_train + args.n_test_good + args.n_test_anomaly)
     print(f"Wrote {total} images of {len(classes)} classes ({', '.join(classes)}) to {where} "

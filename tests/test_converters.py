@@ -109,9 +109,11 @@ def test_listings_skip_stray_entries(tmp_path):
 
 
 def test_registry_has_all_sixteen_datasets():
+    """The converters, in registry order (dataset/registry.py), each named as its row."""
     assert list(CONVERTERS) == ["mvtec", "visa", "BTAD", "KSDD2", "RSDD", "DAGM", "DTD", "HeadCT",
-                                "BrainMRI", "Br35H", "ISIC", "ClinicDB", "ColonDB", "Endo",
-                                "Kvasir", "TN3K"]
+                                "BrainMRI", "Br35H", "ISIC", "ClinicDB", "ColonDB", "Kvasir",
+                                "Endo", "TN3K"]
+    assert all(module.NAME == name for name, module in CONVERTERS.items())
 
 
 # ----------------------------------------------------------------------------- MVTec AD
@@ -543,20 +545,48 @@ def test_main_all_converts_present_and_reports_absent(tmp_path, capsys):
     assert list_dirs(tmp_path / "data") == ["ColonDB", "HeadCT"]
 
 
+def project_installed(tmp_path) -> bool:
+    """Whether the project is installed (`pip install -e .`): `dataset` imports outside the repo."""
+    done = subprocess.run([sys.executable, "-c", "import dataset.registry"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": ""}, capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
+def run_script(module: str, args, tmp_path, as_file: bool = False):
+    """`python -m dataset.<module> ARGS` (or `python dataset/<module>.py ARGS`) from the repo root."""
+    target = [f"dataset/{module}.py"] if as_file else ["-m", f"dataset.{module}"]
+    return subprocess.run([sys.executable, *target, *map(str, args)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True,
+                          timeout=60)
+
+
 def test_cli_subprocess(tmp_path):
-    """Both ways to run the script, from the repository root; a second run without --overwrite fails."""
+    """Both ways to run the script, from the repository root (the file form when the project is
+    installed, test_cli_as_file_without_install otherwise); a second run without --overwrite
+    fails."""
     src = tmp_path / "raw"
     make_object(src, ("jpg", "jpg", "jpg"), None)
-    env = {**os.environ, "PYTHONPATH": ""}
-    cmd = [sys.executable, "dataset/make_dataset.py", "--dataset", "br35h", "--src", str(src),
-           "--dst", str(tmp_path / "data")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    args = ["--dataset", "br35h", "--src", src, "--dst", tmp_path / "data"]
+    done = run_script("make_dataset", args, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Br35H: 1 classes, 1 train, 3 test (2 anomalous)" in done.stdout
     assert (tmp_path / "data/Br35H/brain/test/anomaly/Br35H_defect_1_000001.bmp").is_file()
-    cmd[1:2] = ["-m", "dataset.make_dataset"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    done = run_script("make_dataset", args, tmp_path, as_file=project_installed(tmp_path))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"make_dataset: Output folder {tmp_path / 'data' / 'Br35H'} already exists: "
         f"pass --overwrite to replace it."]
+
+
+def test_cli_as_file_without_install():
+    """`python -S` (no site-packages, so no installed project) shows what a user without
+    `pip install -e .` gets from the file form: one line saying what to do."""
+    for module in ("make_dataset", "make_meta"):
+        done = subprocess.run([sys.executable, "-S", f"dataset/{module}.py", "--all"], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": ""}, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.strip().splitlines() == [
+            f"{module}: the package 'dataset' cannot be imported: run 'python -m "
+            f"dataset.{module} ...' from the repository root, or install the project with "
+            f"'pip install -e .'."]

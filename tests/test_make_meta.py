@@ -2,28 +2,32 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from dataset.converters import DatasetError
+from dataset.files import is_image_file
 from dataset.make_dataset import convert
 from dataset.make_meta import main, make_meta, write_meta
-from tests.test_converters import MVTEC, REPO, make_mvtec, touch
+from tests.test_converters import MVTEC, make_mvtec, project_installed, run_script, touch, write_image
 
 FIELDS = ["img_path", "mask_path", "cls_name", "specie_name", "dataset_name", "anomaly"]
 
 
 def make_tree(root, name, layout):
     """Standardised tree from {cls: [relative file path, ...]}; all four folders per class.
-    make_meta only lists files, so empty files will do."""
+    Image files are 16 x 16 images (make_meta reads the sizes of anomalous images and their
+    masks from the headers); other files hold one byte."""
     for cls, paths in layout.items():
         for folder in ("train/good", "test/good", "test/anomaly", "ground_truth/anomaly"):
             (root / name / cls / folder).mkdir(parents=True, exist_ok=True)
         for path in paths:
-            touch(root / name / cls / path)
+            target = root / name / cls / path
+            if is_image_file(path):
+                # OpenCV picks the format by the lower-case extension
+                write_image(target.with_suffix(target.suffix.lower())).rename(target)
+            else:
+                touch(target)
 
 
 def test_schema_order_and_format(tmp_path):
@@ -85,7 +89,8 @@ def test_classification_only_masks_point_at_absent_files(tmp_path):
 def test_missing_mask_names_the_file(tmp_path):
     make_tree(tmp_path, "ISIC", {"skin": ["test/anomaly/ISIC_defect_ISIC_0001_000000.bmp"]})
     with pytest.raises(DatasetError, match=r"Mask .*ISIC_defect_ISIC_0001_000000\.png for anomalous "
-                                           r"image .* not found: re-run dataset/make_dataset\.py"):
+                                           r"image .* not found: re-run 'python -m dataset\.make_dataset --dataset ISIC "
+                                           r"--overwrite'"):
         make_meta(tmp_path, "ISIC")
 
 
@@ -97,12 +102,13 @@ def test_empty_test_folder_and_phase_without_sub_folders(tmp_path):
     assert meta["test"] == {"colon": []}
     assert len(meta["train"]["polyp"]) == 1
     (tmp_path / "Kvasir/polyp/test").rmdir()
-    with pytest.raises(DatasetError, match=r"polyp.test not found: re-run dataset/make_dataset\.py"):
+    with pytest.raises(DatasetError, match=r"polyp.test not found: re-run 'python -m dataset\.make_dataset"):
         make_meta(tmp_path, "Kvasir")
 
 
 def test_missing_folders(tmp_path):
-    with pytest.raises(DatasetError, match=r"Folder .*DTD not found: run dataset/make_dataset\.py"):
+    with pytest.raises(DatasetError, match=r"Folder .*DTD not found: run 'python -m dataset\.make_dataset "
+                                            r"--dataset DTD' first"):
         make_meta(tmp_path, "DTD")
     make_tree(tmp_path, "mvtec", {cls: [] for cls in MVTEC if cls != "wood"})
     with pytest.raises(DatasetError, match=r"mvtec.wood not found"):
@@ -140,11 +146,11 @@ def test_main_all_and_errors(tmp_path, capsys):
 def test_cli_subprocess(tmp_path):
     make_tree(tmp_path, "DAGM", {"Fabric2": ["test/good/DAGM2007-fabric-null-classes2_0001_0000000000.bmp"],
                                  "Fabric1": []})
-    done = subprocess.run([sys.executable, "dataset/make_meta.py", "--data_root", str(tmp_path),
-                           "--dataset", "DAGM"], cwd=REPO, env={**os.environ, "PYTHONPATH": ""},
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    meta = json.loads((tmp_path / "meta_DAGM.json").read_text())
-    assert list(meta["test"]) == ["Fabric1", "Fabric2"]
-    assert meta["test"]["Fabric2"][0]["dataset_name"] == "DAGM2007-fabric-null-classes2"
-    assert "2 classes, 0 train, 1 test (0 anomalous)" in done.stdout
+    for as_file in sorted({False, project_installed(tmp_path)}):   # the file form once installed
+        done = run_script("make_meta", ["--data_root", tmp_path, "--dataset", "DAGM"], tmp_path,
+                          as_file=as_file)
+        assert done.returncode == 0, done.stderr
+        meta = json.loads((tmp_path / "meta_DAGM.json").read_text())
+        assert list(meta["test"]) == ["Fabric1", "Fabric2"]
+        assert meta["test"]["Fabric2"][0]["dataset_name"] == "DAGM2007-fabric-null-classes2"
+        assert "2 classes, 0 train, 1 test (0 anomalous)" in done.stdout

@@ -1,5 +1,6 @@
 """Tests of dataset/synthetic.py: determinism, exact masks, raw and standard layouts, meta file."""
 
+import hashlib
 import json
 import os
 import re
@@ -195,3 +196,34 @@ def test_command_line(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "meta_mvtec.json")
     assert main(["--out", str(tmp_path), "--classes", "carpet"]) == 1
     assert "available" in capsys.readouterr().err
+
+
+# sha256 of the meta files written by the synthetic module's own meta code, before it used
+# dataset/make_meta.py's writer: the meta must stay identical byte for byte. "mvtec" and "visa"
+# (official class lists in the registry) keep the generated classes; "HeadCT" is
+# classification-only; n_train=0 gives the placeholder entry.
+META_BEFORE_MAKE_META = [
+    (dict(name="synth", classes=["pill", "checker"], seed=0, size=64, n_train=2, n_test_good=2,
+          n_test_anomaly=4), "22aefb8e3eeae40dc354f8df539c82b459422d8723ff445006629714173cc579"),
+    (dict(name="synthetic", classes=["bolt"], size=48, n_train=0, n_test_good=1,
+          n_test_anomaly=2), "fff9417203718274b569a694e968a8937391cf903a15d26f87548567b5cf8862"),
+    (dict(name="mvtec", classes=["gravel"], size=48, n_train=1, n_test_good=1, n_test_anomaly=2),
+     "582b91028b9e6c67614eb41de7faea048e277eb2b8f92d86e05126c03e80a017"),
+    (dict(name="HeadCT", classes=["ring", "wood"], size=32, n_train=1, n_test_good=0,
+          n_test_anomaly=3), "7ff30cd955749368b3c0354a8fb21fd947f5b7288e437e7c879a7ba988cd6333"),
+    (dict(name="visa", classes=["mesh"], size=32, n_train=0, n_test_good=0, n_test_anomaly=0),
+     "dd9b7ff97b4ddc8fd2c8c88b2fa25ec7ca1642f934aceeeed7b1ed6ae3ecec34"),
+]
+
+
+@pytest.mark.parametrize("config,digest", META_BEFORE_MAKE_META,
+                         ids=[config["name"] for config, _ in META_BEFORE_MAKE_META])
+def test_standard_meta_unchanged_by_the_shared_writer(tmp_path, config, digest):
+    from dataset.make_meta import make_meta
+
+    meta_file = write_standard(str(tmp_path), **config)
+    with open(meta_file, "rb") as handle:
+        text = handle.read()
+    assert hashlib.sha256(text).hexdigest() == digest
+    assert json.loads(text) == make_meta(tmp_path, config["name"], classes=config["classes"])
+    assert set(os.listdir(tmp_path)) == {config["name"], f"meta_{config['name']}.json"}

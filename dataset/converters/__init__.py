@@ -2,14 +2,17 @@
 
 Each module has `NAME` (the output folder name) and `plan(src) -> Plan`;
 :func:`dataset.converters.common.execute` writes a plan. `CONVERTERS` maps the official
-names, in the order `make_dataset.py --all` processes them, to their modules.
+names to their modules, in the order of the registry (`dataset/registry.py`), which is the
+order `make_dataset.py --all` processes them: a registry row names its converter module.
 """
-from . import (br35h, brainmri, btad, clinicdb, colondb, dagm, dtd, endo, headct, isic, ksdd2,
-               kvasir, mvtec, rsdd, tn3k, visa)
-from .common import DatasetError, execute
+from importlib import import_module
 
-CONVERTERS = {module.NAME: module for module in (
-    mvtec, visa, btad, ksdd2, rsdd, dagm, dtd, headct, brainmri, br35h, isic, clinicdb, colondb,
-    endo, kvasir, tn3k)}
+from dataset.errors import DatasetError
+from dataset.registry import REGISTRY
+
+from .common import execute
+
+CONVERTERS = {info.name: import_module(f"{__name__}.{info.converter}")
+              for info in REGISTRY.values() if info.converter is not None}
 
 __all__ = ["CONVERTERS", "DatasetError", "execute"]

@@ -7,9 +7,9 @@ By default the file set is the official one: the globs are case-sensitive and di
 normal (`*.jpg`) and anomalous (`*.JPG`) folders, so images with another extension or case are
 left out (the published meta file has 85 normal and 68 anomalous test images, against 98 and
 155 in the Kaggle set). `any_case=True` (`make_dataset.py --brainmri-any-case`) takes every
-image file (.bmp .png .jpg .jpeg .tif .tiff, any case) in every folder instead; when that adds
-files, counts and ids differ from the published data. Any test folder other than `good` is
-anomalous and uses the anomalous glob.
+image file (dataset/files.py: .png .jpg .jpeg .bmp .tif .tiff .webp, any case) in every folder
+instead; when that adds files, counts and ids differ from the published data. Any test folder
+other than `good` is anomalous and uses the anomalous glob.
 """
 from __future__ import annotations
 

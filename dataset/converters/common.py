@@ -16,12 +16,12 @@ Output layout (the official one)::
 
 All four folders are created for every class, even when they stay empty.
 Images are written as 8-bit, 3-channel BMP, masks as single-channel PNG with
-values 0 and 255, both at the source resolution.
+values 0 and 255, both at the source resolution; a mask whose size differs from
+its image's is an error, as are a missing or unreadable file. Errors are
+:class:`dataset.errors.DatasetError` (re-exported here).
 """
 from __future__ import annotations
 
-import fnmatch
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -29,7 +29,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 
-IMAGE_EXTS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# DatasetError and the listings are re-exported: converters and tests import them from here.
+from dataset.errors import DatasetError  # noqa: F401
+from dataset.files import IMAGE_EXTENSIONS, find_dir, list_dirs, list_files, stem  # noqa: F401
+
+IMAGE_EXTS = IMAGE_EXTENSIONS   # the one list of image extensions (dataset/files.py)
 
 # Output sub-folders of a class, by job kind.
 SPLIT_DIRS = {
@@ -42,47 +46,6 @@ MASK_DIR = ("ground_truth", "anomaly")
 # Mask checks of the pos/neg releases (KSDD2, RSDD, DAGM).
 DEFECT_MASK = "defect"   # values exactly {0, 255}
 CLEAN_MASK = "clean"     # all zero
-
-
-class DatasetError(Exception):
-    """A problem with the files on disk that the user can fix; the message says how."""
-
-
-# ----------------------------------------------------------------------------- listings
-
-def stem(path: Path | str) -> str:
-    """File name up to its first '.', the official notion of a source stem."""
-    return Path(path).name.split(".", 1)[0]
-
-
-def list_dirs(folder: Path) -> List[str]:
-    """Names of the real sub-folders of `folder`, sorted; files and hidden entries are skipped."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def list_files(folder: Path, pattern: Optional[str] = None) -> List[Path]:
-    """Files in `folder` sorted by name.
-
-    With a glob `pattern` the match is case-sensitive on every platform (the official
-    converters ran `glob` on Linux). With `pattern=None` every image file counts, its
-    extension matched case-insensitively against IMAGE_EXTS.
-    """
-    with os.scandir(folder) as entries:
-        names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")]
-    if pattern is None:
-        names = [n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
-    else:
-        names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-    return [folder / n for n in sorted(names)]
-
-
-def find_dir(root: Path, name: str) -> Optional[Path]:
-    """`root/name`, or else the one sub-folder whose name matches `name` case-insensitively."""
-    if (root / name).is_dir():
-        return root / name
-    matches = [d for d in list_dirs(root) if d.lower() == name.lower()]
-    return root / matches[0] if len(matches) == 1 else None
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -202,6 +165,16 @@ def check_mask(mask: np.ndarray, rule: Optional[str], path: Path) -> None:
                            f"in pos/, or the mask is wrong.")
 
 
+def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: Path,
+                    mask_path: Path) -> None:
+    """A mask must cover its image pixel for pixel (nothing is resized)."""
+    if image.shape[:2] != mask.shape[:2]:
+        (ih, iw), (mh, mw) = image.shape[:2], mask.shape[:2]
+        raise DatasetError(f"Mask {mask_path} is {mw} x {mh} pixels but its image {image_path} is "
+                           f"{iw} x {ih} (width x height): replace the mask or the image with the "
+                           f"file from the original download.")
+
+
 def write_file(path: Path, array: np.ndarray, params: Sequence[int] = ()) -> None:
     if not cv2.imwrite(str(path), array, list(params)):
         raise DatasetError(f"Cannot write {path}: check that the output folder is writable and "
@@ -228,9 +201,12 @@ def execute(plan: Plan, out: Path, progress: bool = True, desc: str = "") -> Dic
         if job.mask is not None:
             mask = read_mask(job.mask)
             check_mask(mask, job.mask_check, job.mask)
-        if job.kind == "check":
+        if job.kind == "check":     # a skipped neg image: its mask is checked, nothing written
             continue
-        write_file(dirs[job.cls][job.kind] / f"{job.name}.bmp", read_image(job.image, plan.read_flags))
+        image = read_image(job.image, plan.read_flags)
+        if mask is not None:
+            check_same_size(image, mask, job.image, job.mask)
+        write_file(dirs[job.cls][job.kind] / f"{job.name}.bmp", image)
         if mask is not None and job.kind == "anomaly":
             write_file(dirs[job.cls]["mask"] / f"{job.name}.png", binarise(mask, plan.threshold),
                        png_params)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import DatasetError, Plan, add_folder_class, list_dirs, require_dir, stem_with
+from dataset.errors import DatasetError
+
+from .common import Plan, add_folder_class, list_dirs, require_dir, stem_with
 
 NAME = "DTD"
 # Raw texture folder -> class name, in the processing order of the released data.

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dataset.registry import MVTEC_CLASSES
+
 from .common import Plan, add_folder_class, require_dir, stem_with
 
 NAME = "mvtec"
-CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-           "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+CLASSES = MVTEC_CLASSES   # the fixed official order (dataset/registry.py)
 
 
 def plan(src: Path) -> Plan:

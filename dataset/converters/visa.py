@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .common import DatasetError, Plan, stem
+from dataset.errors import DatasetError
+from dataset.registry import VISA_CLASSES
+
+from .common import Plan, stem
 
 NAME = "visa"
-CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-           "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+CLASSES = VISA_CLASSES   # the fixed official order (dataset/registry.py)
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 
 
