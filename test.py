@@ -17,6 +17,7 @@ import time
 import torch
 
 from dataset.data import AnomalyDataset, make_loader
+from dataset.registry import dataset_info
 from models import AnomalyDetector
 from models.errors import UserError
 from utils.cli import add_model_arguments, add_runtime_arguments, model_request
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
             **model_request(args))
         dataset = AnomalyDataset(args.data_path, args.dataset, mode="test",
                                  image_size=detector.image_size, class_names=args.classes)
-    except (UserError, ValueError) as e:
+        detector.model.wording = dict(dataset_info(args.dataset).wording)
+    except UserError as e:
         logger.error("%s", e)
         return 1
     logger.info("checkpoint %s (stage %d), %d test images, device %s, precision %s",

@@ -13,19 +13,21 @@ import sys
 
 from tqdm import tqdm
 
-from dataset.data import DatasetError
-from models import WeightsError
+from dataset.registry import REGISTRY
+from models.errors import UserError
 from utils import distributed as dist_utils
+from utils.cli import add_model_arguments, add_runtime_arguments, fail
 from utils.misc import setup_logging
-from utils.training import OFFICIAL_VALIDATION, TrainConfig, TrainingError, train
+from utils.training import TrainConfig, train
 
 IGNORED = "accepted for compatibility with the official scripts and ignored"
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    official = "; ".join(f"training on {k}: {v[0]} {' '.join(v[1])}"
-                         for k, v in OFFICIAL_VALIDATION.items())
+    official = "; ".join(f"training on {name}: {info.validation[0]} "
+                         f"{' '.join(info.validation[1])}"
+                         for name, info in REGISTRY.items() if info.validation)
     p = argparse.ArgumentParser(
         description="Train Bayes-PFL (two stages, validated after every epoch). Writes "
                     "epoch_post_{epoch}_{stage}.pth (epochs from 1), best.pth, last.pth "
@@ -46,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val_data_path", default=d.val_data_path, help="same, for the validation dataset")
     a("--save_path", default=d.save_path, help="output folder")
     a("--pretrained_path", default=d.pretrained_path, help="CLIP weights (OpenAI archive)")
-    a("--prompt_context_len", type=int, default=d.prompt_context_len)
-    a("--prompt_num", type=int, default=d.prompt_num, help="prompt bank size")
-    a("--prompt_state_len", type=int, default=d.prompt_state_len)
+    add_model_arguments(p, from_checkpoint=False)
     a("--learning_rate", type=float, default=d.learning_rate,
       help="accepted for compatibility and has no effect, as in the official code (every "
            "group sets its own lr; the 'rest' group uses --learning_rate_linear)")
@@ -61,31 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
            "stage 2: class_mapping, image_mapping, fuse (no schedule)")
     a("--temperature_lr", type=float, default=d.temperature_lr,
       help="stage 1: temperature_pixel and temperature_image")
-    a("--features_list", type=int, nargs="+", default=d.features_list,
-      help="1-based CLIP vision blocks whose tokens are used")
-    a("--image_size", type=int, default=d.image_size)
     a("--batch_size", type=int, default=d.batch_size,
       help="per process: with torchrun the effective batch is nproc_per_node x batch_size")
     a("--epochs", type=int, default=d.epochs, help="at most this many epochs (both stages)")
     a("--sample_num", type=int, default=d.sample_num, help="Monte Carlo samples in validation")
-    a("--num_flows", type=int, default=d.num_flows)
     a("--seed", type=int, default=d.seed)
     a("--print_freq", type=int, default=d.print_freq,
       help="steps between updates of the running losses on the progress bar")
     a("--save_freq", type=int, default=d.save_freq,
       help="write epoch_post_{epoch}_{stage}.pth every this many epochs")
-    a("--device_id", type=int, default=None,
-      help="CUDA index used with --device cuda (torchrun uses LOCAL_RANK instead)")
     for flag in ("--config_path", "--model", "--pretrained", "--alpha"):
         a(flag, default=None, help=IGNORED)
     # Additions to the official flags.
-    a("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    add_runtime_arguments(p)
     a("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
-    a("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
-      help="autocast around the frozen CLIP and the module (fp16 on CUDA uses a GradScaler)")
-    a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
-    a("--activation", choices=("gelu", "quick_gelu"), default=d.activation,
-      help="CLIP MLP activation (the official code and checkpoints use exact GELU)")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue a run from its resumable state (default PATH: <save_path>/last.pth)")
     a("--val_dataset", default=None,
@@ -100,8 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--patience", type=int, default=d.patience,
       help="official counter: stage 1 switches (stage 2 stops) at the (patience + 1)-th "
            "consecutive epoch without improvement, i.e. the 4th with the official 3")
-    a("--no_verify", action="store_true",
-      help="skip the SHA-256 check of OpenAI-named CLIP files")
     a("--stop_after", type=int, default=None,
       help="stop after this epoch, resumably (e.g. for time-limited jobs)")
     return p
@@ -123,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         result = train(config, progress=tqdm if main_process else None)
-    except (WeightsError, DatasetError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return fail(str(error), 2)
     except KeyboardInterrupt:
         print(f"interrupted; {os.path.join(args.save_path, 'last.pth')} holds the last finished "
               f"epoch (continue with --resume)", file=sys.stderr)

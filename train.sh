@@ -20,7 +20,7 @@ GPUS=${GPUS:-0}
 PRETRAINED=${PRETRAINED:-./pretrained_weight/ViT-L-14-336px.pt}
 DATA_ROOT=${DATA_ROOT:-./dataset/mvisa/data}
 EXP_ROOT=${EXP_ROOT:-./my_exps}
-CLIP_URL="https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt"
+CLIP_URL=$("$PYTHON" -c 'from models.weights import download_url; print(download_url("ViT-L-14-336px.pt"))')
 
 missing=0
 if [ ! -f "$PRETRAINED" ]; then

@@ -96,7 +96,7 @@ def build_models(args: argparse.Namespace, device: torch.device):
     """Random-weight frozen CLIP (fp32, eval) and a Bayes-PFL module with the official
     initialisation, both on ``device``."""
     from models.bayes_pfl import BayesPFL
-    from models.clip import build_clip
+    from models.weights import build_clip
     from models.random_clip import make_clip_state_dict
 
     sd = make_clip_state_dict(seed=args.seed, **geometry(args.geometry))

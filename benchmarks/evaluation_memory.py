@@ -23,7 +23,6 @@ import tempfile
 from tabulate import tabulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CLASS = "wood"
 # Runs a script as __main__ and reports the process's peak resident set size on stderr.
@@ -61,7 +60,7 @@ def write_inputs(root: str, n: int, image_size: int, source_size: int, seed: int
     from benchmarks.common import TINY
     from dataset.synthetic import write_standard
     from models.bayes_pfl import BayesPFL
-    from models.clip import build_clip
+    from models.weights import build_clip
     from models.random_clip import make_clip_state_dict
 
     anomalous = (2 * n) // 3

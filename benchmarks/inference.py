@@ -16,15 +16,12 @@ the plain computation (2NR sequences of the full context).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     PeakMemory,
     Timer,
     add_common_flags,
@@ -32,7 +29,9 @@ from benchmarks.common import (  # noqa: E402
     check_args,
     machine_line,
 )
-from models.detector import AnomalyDetector  # noqa: E402
+from models.bayes_pfl import TEXT_MODES
+from models.detector import AnomalyDetector
+from models.noise import standard_noise
 
 PARTS = [("image tower", "image"), ("prompt sampling", "sampling"), ("text tower", "text"),
          ("heads (RCA, logits)", "heads"), ("scoring (maps, scores)", "scoring")]
@@ -46,7 +45,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=2, choices=[1, 2])
     p.add_argument("--no_compare", action="store_true",
                    help="with a lower precision, skip the comparison with fp32")
-    p.add_argument("--text", default="packed", choices=["packed", "cut", "full"],
+    p.add_argument("--text", default="packed", choices=TEXT_MODES,
                    help="text tower: normal/abnormal pairs packed with their shared prefix "
                         "(default), one sequence per prompt cut after the last end token, or "
                         "one sequence per prompt at all 77 positions")
@@ -73,9 +72,7 @@ def compare_with_fp32(det: AnomalyDetector, images: torch.Tensor, names: list[st
     """Max abs difference of image scores and maps against fp32, same inputs and noise."""
     g = torch.Generator().manual_seed(seed + 1)
     r, b, d = det.sample_num, images.shape[0], det.model.prompt_context.shape[-1]
-    noise = {"context": torch.randn(r, b, d, generator=g),
-             "normal": torch.randn(r, 1, d, generator=g),
-             "abnormal": torch.randn(r, 1, d, generator=g)}
+    noise = standard_noise(r, b, d, generator=g)
     reference = AnomalyDetector(det.clip, det.model, det.image_size, det.sample_num, det.stage,
                                 det.layers, precision="fp32")
     low = det.predict(images, names, noise)
@@ -88,8 +85,7 @@ def compare_with_fp32(det: AnomalyDetector, images: torch.Tensor, names: list[st
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     clip, model = build_models(args, device)
     model.eval()
-    model.cut_text = args.text != "full"
-    model.share_prefix = args.text == "packed"
+    model.text_mode = args.text
     det = AnomalyDetector(clip, model, image_size=args.image_size, sample_num=args.sample_num,
                           stage=args.stage, layers=args.layers, precision=args.precision)
     g = torch.Generator().manual_seed(args.seed)

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
 import cv2
 import numpy as np
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.metrics import (  # noqa: E402
+from utils.metrics import (
     aupro,
     aupro_official,
     auroc,

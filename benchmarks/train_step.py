@@ -8,23 +8,20 @@ A step is (a) the frozen image tower, without gradients (``utils.training.encode
 (b) the Bayes-PFL step (``utils.training.optimisation_step``: ``training_forward``, backward,
 Adam step), as ``Trainer.train_epoch`` runs them. (b) is timed with the text tower cut after the
 last end token (the default, normal/abnormal pairs packed with their shared prefix), cut but
-one sequence per prompt (``model.share_prefix = False``), and with all 77 positions
-(``model.cut_text = False``: the plain computation); (a) does not depend on it and is timed once
+one sequence per prompt (``model.text_mode = "cut"``), and with all 77 positions
+(``model.text_mode = "full"``: the plain computation); (a) does not depend on it and is timed once
 per repetition.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     PeakMemory,
     Timer,
     add_common_flags,
@@ -32,7 +29,7 @@ from benchmarks.common import (  # noqa: E402
     check_args,
     machine_line,
 )
-from utils.training import (  # noqa: E402
+from utils.training import (
     TrainConfig,
     TrainingStep,
     encode_images,
@@ -64,14 +61,14 @@ def make_batch(args: argparse.Namespace) -> dict:
     return {"image": images, "mask": masks, "label": labels, "cls_name": names}
 
 
-# text mode -> (cut_text, share_prefix, label)
-MODES = {"cut": (True, True, "text cut (default, shared prefix packed)"),
-         "cut_unpacked": (True, False, "text cut, one sequence per prompt"),
-         "full": (False, False, "text at 77 positions")}
+# benchmark mode -> (BayesPFL.text_mode, label)
+MODES = {"cut": ("packed", "text cut (default, shared prefix packed)"),
+         "cut_unpacked": ("cut", "text cut, one sequence per prompt"),
+         "full": ("full", "text at 77 positions")}
 
 
 def set_mode(model, mode: str) -> None:
-    model.cut_text, model.share_prefix = MODES[mode][:2]
+    model.text_mode = MODES[mode][0]
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
@@ -121,7 +118,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
 def report(args: argparse.Namespace, device: torch.device, result: dict) -> None:
     image, steps, peaks = result["image"], result["steps"], result["peaks"]
-    rows = [[MODES[m][2], image, steps[m], image + steps[m], max(peaks["image"], peaks[m])]
+    rows = [[MODES[m][1], image, steps[m], image + steps[m], max(peaks["image"], peaks[m])]
             for m in MODES]
     full = steps["full"]
     for m in ("cut", "cut_unpacked"):
@@ -138,7 +135,7 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
           "(weights, inputs, optimiser state)")
     for m in MODES:
         sequences, positions = result["text_work"][m]
-        print(f"text tower per image, {MODES[m][2]}: {sequences} sequences x {positions} "
+        print(f"text tower per image, {MODES[m][1]}: {sequences} sequences x {positions} "
               f"positions = {sequences * positions}")
     print(f"(a) is {100 * image / (image + steps['cut']):.1f}% of the default step; with (b) "
           f"free the whole-step ratio would still be {image / (image + full):.3f}")

@@ -36,13 +36,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.augment import augment_rgb
 from dataset.errors import DatasetError
+from dataset.registry import REGISTRY, dataset_info
 from dataset.transforms import (CLIP_MEAN, CLIP_STD, binary_mask, preprocess_image,
                                 preprocess_mask, read_image, read_mask, rgb_array)
 
-# Datasets without pixel ground truth: anomalous images get an all-zero mask.
-CLASSIFICATION_ONLY = frozenset({"HeadCT", "BrainMRI", "Br35H"})
-# Mosaic probability used in train mode when the dataset is MVTec-AD (official protocol).
-MVTEC_MOSAIC_PROB = 0.4
+# Kept for code that imports them from here; the registry is the source.
+CLASSIFICATION_ONLY = frozenset(n for n, i in REGISTRY.items() if i.classification_only)
+MVTEC_MOSAIC_PROB = REGISTRY["mvtec"].mosaic_prob
 
 __all__ = [
     "CLIP_MEAN",
@@ -112,13 +112,14 @@ class AnomalyDataset(Dataset):
         root: data root holding ``meta_<dataset_name>.json`` and the ``<dataset_name>/`` tree.
         dataset_name: e.g. ``mvtec``, ``visa``, ``BTAD``.
         mode: ``"test"`` or ``"train"``; both read ``meta["test"]``. The mode only selects the
-            defaults of ``augment`` (on in train) and ``mosaic_prob`` (0.4 in train on mvtec).
+            defaults of ``augment`` (on in train) and ``mosaic_prob`` (the registry's in train:
+            0.4 on mvtec).
         image_size: side S of the square network input.
         class_names: classes to keep (default: all classes of the meta file).
         augment: ``None`` (mode default) or a bool: the official augmentation.
         mosaic_prob: ``None`` (mode default) or the probability of replacing a sample by a
             2 x 2 mosaic of anomalous images of its class.
-        classification_only: ``None`` (true for HeadCT, BrainMRI, Br35H) or a bool; when true,
+        classification_only: ``None`` (the registry's: HeadCT, BrainMRI, Br35H) or a bool; when true,
             masks are never read and every mask is zero.
         seed: seed of the per-sample random draws (with the epoch and the sample index).
 
@@ -152,13 +153,12 @@ class AnomalyDataset(Dataset):
         self.mode = mode
         self.image_size = int(image_size)
         self.classification_only = (
-            dataset_name in CLASSIFICATION_ONLY if classification_only is None
+            dataset_info(dataset_name).classification_only if classification_only is None
             else bool(classification_only)
         )
         self.augment = mode == "train" if augment is None else bool(augment)
-        if mosaic_prob is None:
-            mvtec_training = mode == "train" and dataset_name == "mvtec"
-            mosaic_prob = MVTEC_MOSAIC_PROB if mvtec_training else 0.0
+        if mosaic_prob is None:           # the registry's, when training on the dataset
+            mosaic_prob = dataset_info(dataset_name).mosaic_prob if mode == "train" else 0.0
         if not 0.0 <= float(mosaic_prob) <= 1.0:
             raise ValueError(f"mosaic_prob must be in [0, 1], got {mosaic_prob}.")
         self.mosaic_prob = float(mosaic_prob)

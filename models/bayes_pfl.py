@@ -18,20 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .heads import RCA, Fuse
+from .losses import dice_loss, focal_loss, orthogonality_loss
 from .prompt_flow import (Decoder, FlowSamples, GaussianEncoder, ImageAgnosticFlow,
                           ImageSpecificFlow, kl_term)
+from .tokenizer import tokenize
+from .wording import prompt_class_name
 
-# Class names as the official code words them in the text prompt.
-CLASS_NAME_MAP = {
-    "macaroni1": "macaroni", "macaroni2": "macaroni",
-    "pcb1": "printed circuit board", "pcb2": "printed circuit board",
-    "pcb3": "printed circuit board", "pcb4": "printed circuit board",
-    "pipe_fryum": "pipe fryum", "chewinggum": "chewing gum", "metal_nut": "metal nut",
-}
-
-
-def prompt_class_name(name: str) -> str:
-    return CLASS_NAME_MAP.get(name, name).lower()
+# How the text tower runs: "packed" (default): sequences cut after the last end token, each
+# (normal, abnormal) prompt pair one packed sequence that computes their shared [SOS] +
+# context prefix once; "cut": cut, one sequence per prompt; "full": all 77 positions, one
+# sequence per prompt (the plain computation). All three are exact (causal mask).
+TEXT_MODES = ("packed", "cut", "full")
 
 
 def packed_pair_layout(t: int, prefix: int, device: torch.device | str = "cpu"
@@ -49,48 +47,6 @@ def packed_pair_layout(t: int, prefix: int, device: torch.device | str = "cpu"
     causal = positions[None, :] <= positions[:, None]
     visible = (part[None, :] == -1) | (part[None, :] == part[:, None])
     return positions, causal & visible
-
-
-class Fuse(nn.Module):
-    """Patch tokens of all layers -> one image-level vector (attention pooling)."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.fuse_modules = nn.Linear(in_dim, hidden)
-        self.compress = nn.Linear(hidden, 1)
-        self.post_process = nn.Linear(hidden, out_dim)
-
-    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = self.fuse_modules(torch.cat(list(tokens), dim=-1))   # [B, G*G, V/2]
-        weights = self.compress(x).softmax(dim=1)                 # [B, G*G, 1]
-        pooled = (weights * x).sum(dim=1)                         # [B, V/2]
-        return self.post_process(pooled)                          # [B, W]
-
-
-class RCA(nn.Module):
-    """Residual cross-modal attention: text embeddings attend to one layer's patch tokens."""
-
-    def __init__(self, width: int, vision_width: int, num_layers: int, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.q_proj_pre = nn.Conv1d(width, width, kernel_size=1)
-        self.linear_proj = nn.ModuleList(
-            nn.Linear(vision_width, width, bias=False) for _ in range(num_layers))
-
-    def patch_features(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
-        """Raw tokens [B, G*G, V] -> F_s [B, G*G, W], L2-normalised."""
-        return F.normalize(self.linear_proj[layer](tokens), dim=-1)
-
-    def forward(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """text [B, T, W] (normalised), patches F_s [B, G*G, W] -> updated text [B, T, W]."""
-        b, t, w = text.shape
-        h = self.heads
-        q = self.q_proj_pre(text.transpose(1, 2)).transpose(1, 2)     # [B, T, W]
-        q = q.reshape(b, t, h, w // h).transpose(1, 2)                # [B, h, T, W/h]
-        kv = patches.reshape(b, -1, h, w // h).transpose(1, 2)        # [B, h, GG, W/h]
-        att = (q @ kv.transpose(-1, -2) * w ** -0.5).softmax(-1)      # [B, h, T, GG]
-        out = (att @ kv).transpose(1, 2).reshape(b, t, w)             # [B, T, W]
-        return F.normalize(out + text, dim=-1)
 
 
 @dataclass
@@ -116,13 +72,8 @@ class BayesPFL(nn.Module):
         self.prompt_state_len = prompt_state_len
         self.num_flows = num_flows
         self.num_layers = num_layers
-        # Text positions are cut after the last end token (exact: causal mask). Off: all 77,
-        # one sequence per prompt (the plain computation).
-        self.cut_text = True
-        # With the cut: a normal and an abnormal prompt of the same (image, sample, prompt
-        # index) share [SOS] + the P context vectors, whose hidden states are the same in both
-        # (causal mask); the pair runs as one packed sequence, the prefix once (exact).
-        self.share_prefix = True
+        # How the text tower runs (all exact, by the causal mask; see TEXT_MODES).
+        self.text_mode = "packed"
 
         self.prompt_context = nn.Parameter(torch.empty(prompt_num, prompt_context_len, d))
         self.prompt_state_normal = nn.Parameter(torch.empty(prompt_num, prompt_state_len, d))
@@ -146,7 +97,19 @@ class BayesPFL(nn.Module):
         self.class_mapping = nn.Linear(d, d)
         self.image_mapping = nn.Linear(d, d)
         self.reset_parameters()
+        # class name -> prompt words beyond the official wording (a dataset's registry row)
+        self.wording: dict[str, str] = {}
         self._class_tokens: dict[str, torch.Tensor] = {}
+
+    @property
+    def text_mode(self) -> str:
+        return self._text_mode
+
+    @text_mode.setter
+    def text_mode(self, mode: str) -> None:
+        if mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {', '.join(TEXT_MODES)}, not {mode!r}")
+        self._text_mode = mode
 
     @classmethod
     def from_clip(cls, clip, prompt_num: int = 3, prompt_context_len: int = 5,
@@ -188,13 +151,12 @@ class BayesPFL(nn.Module):
     def class_tokens(self, class_names: Sequence[str],
                      device: torch.device | str = "cpu") -> torch.Tensor:
         """Token ids [B, 77] of "X <class name>" for each image (cached per name)."""
-        from .tokenizer import tokenize
-
         rows = []
         for name in class_names:
-            if name not in self._class_tokens:
-                self._class_tokens[name] = tokenize(["X " + prompt_class_name(name)])[0]
-            rows.append(self._class_tokens[name])
+            text = "X " + prompt_class_name(name, self.wording)
+            if text not in self._class_tokens:
+                self._class_tokens[text] = tokenize([text])[0]
+            rows.append(self._class_tokens[text])
         return torch.stack(rows).to(device)
 
     def prompt_vectors(self, context: torch.Tensor, normal: torch.Tensor,
@@ -223,7 +185,7 @@ class BayesPFL(nn.Module):
         if last >= ctx_len:
             raise ValueError(f"a class name is too long: with {m} prompt vectors its text "
                              f"needs more than {ctx_len} positions; use a shorter class name")
-        return eot, (last + 1 if self.cut_text else ctx_len)
+        return eot, (ctx_len if self.text_mode == "full" else last + 1)
 
     def encode_prompts(self, clip, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Prompt vectors [B, ..., P+Q, W] inserted at the "X" token of each image's class
@@ -254,11 +216,11 @@ class BayesPFL(nn.Module):
         the first P vectors the same for both kinds, as ``prompt_vectors`` makes them) ->
         L2-normalised text embeddings [B, 2, ..., D], equal to ``encode_prompts``.
 
-        With ``cut_text`` and ``share_prefix``, each pair is one packed sequence
+        In the "packed" text mode, each pair is one packed sequence
         [SOS, context (P), normal states (Q), name..., abnormal states (Q), name...]: the
         abnormal part takes the positions of the normal part and sees the prefix and itself
         only, so each part's hidden states are those of its own plain sequence."""
-        if not (self.cut_text and self.share_prefix):
+        if self.text_mode != "packed":
             return self.encode_prompts(clip, prompts, tokens)
         b, kinds = prompts.shape[:2]
         if kinds != 2:
@@ -291,7 +253,7 @@ class BayesPFL(nn.Module):
         """(sequences, positions per sequence) that the text tower runs for one image with
         ``pairs`` (normal, abnormal) prompt pairs, for a batch with class-text tokens [B, 77]."""
         _, t = self._text_length(tokens, self.prompt_context_len + self.prompt_state_len)
-        if self.cut_text and self.share_prefix:
+        if self.text_mode == "packed":
             return pairs, 2 * t - 1 - self.prompt_context_len
         return 2 * pairs, t
 
@@ -345,8 +307,6 @@ class BayesPFL(nn.Module):
 
         Returns the image logits of the chosen prompt pair [B, 2], the full-size map logits
         per layer [B, 2, S, S] (stage 1), and the loss terms."""
-        from .losses import dice_loss, focal_loss, orthogonality_loss
-
         b, d = image_features.shape
         dev, dt = image_features.device, image_features.dtype
         if noise is None:

@@ -16,16 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .clip import check_state_dict
+from .weights import BAYES_WEIGHTS, check_state_dict
 from .errors import WeightsError
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-BAYES_WEIGHTS = {
-    "train_visa.pth": "https://drive.google.com/file/d/1rNs_rdTmrg4JshmKHotq6AN1gqTpPjvm/view",
-    "train_mvtec.pth": "https://drive.google.com/file/d/1EHa4jPi7r8jmRVURoZ4yH2-jqDt6K1Ni/view",
-}
 _STAGE = re.compile(r"epoch_post_\d+_(\d+)\.pth$")
 
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from .bayes_pfl import BayesPFL, FlowSamples, Samples
 from .checkpoint import load_state, open_checkpoint
-from .clip import load_clip, require_clip_file
+from .weights import load_clip, require_clip_file
 from .errors import SettingsError
+from .noise import official_order_noise
 from .precision import autocast
 from .spec import ModelSpec, resolve_spec
 
@@ -101,66 +102,6 @@ class AnomalyDetector:
         detector.spec = spec
         return detector
 
-    def preprocess(self, image, exif_transpose: bool = False) -> torch.Tensor:
-        """A path, a PIL image (any mode) or a numpy array -> the network input [3, S, S], as in
-        evaluation (``dataset.transforms.preprocess_image``). ``exif_transpose``: turn a file
-        upright by its EXIF orientation first (photos from phones)."""
-        from dataset.transforms import preprocess_image, to_pil_image
-
-        return preprocess_image(to_pil_image(image, exif_transpose), self.image_size)
-
-    def predict_images(self, images: Sequence, class_name: str | Sequence[str],
-                       batch_size: int = 8, smooth_sigma: float = 8.0,
-                       seed: int | None = None, exif_transpose: bool = True) -> list[dict]:
-        """Score images (PIL, paths or arrays) of one class (or one class name each).
-
-        Returns one dict per image: ``text_score`` (mean abnormal probability of the prompt
-        pairs), ``map_score`` (mean of the top-k map values, k = 20 or 2000 as the official
-        protocol), ``score`` = the mean of the two (both in [0, 1]; the official per-class min-max
-        needs a whole test set, so it is not applied here), ``anomaly_map`` float32 [H, W] at the
-        image's original size (smoothed with a Gaussian of ``smooth_sigma`` at S x S, then
-        resized bilinearly).
-
-        ``seed``: when given, every image gets the same standard-normal draws (from a
-        generator seeded with it), so that an image's result does not depend on the other
-        images of the call or on its position; None: draws from the torch RNG as ``predict``.
-        ``exif_transpose``: files are turned upright by their EXIF orientation (as image viewers
-        show them; the official code ignores it); files without one are read identically."""
-        from dataset.transforms import preprocess_image, to_pil_image
-        from utils.protocol import gaussian_smooth, topk_for_class
-
-        names = [class_name] * len(images) if isinstance(class_name, str) else list(class_name)
-        if len(names) != len(images):
-            raise ValueError(f"{len(names)} class names for {len(images)} images")
-        results = []
-        for start in range(0, len(images), batch_size):
-            chunk = [to_pil_image(im, exif_transpose) for im in images[start:start + batch_size]]
-            batch = torch.stack([preprocess_image(im, self.image_size) for im in chunk])
-            chunk_names = names[start:start + batch_size]
-            out = self.predict(batch, chunk_names, self._seeded_noise(seed, len(chunk)))
-            maps = out["anomaly_map"].float()
-            smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
-            for i, im in enumerate(chunk):
-                k = min(topk_for_class(chunk_names[i]), maps[i].numel())
-                map_score = float(maps[i].flatten().topk(k).values.mean())
-                text_score = float(out["image_score"][i])
-                full = F.interpolate(smoothed[i][None, None], size=(im.height, im.width),
-                                     mode="bilinear", align_corners=False)[0, 0]
-                results.append({"text_score": text_score, "map_score": map_score,
-                                "score": 0.5 * (text_score + map_score),
-                                "anomaly_map": full.cpu().numpy()})
-        return results
-
-    def _seeded_noise(self, seed: int | None, batch: int) -> dict[str, torch.Tensor] | None:
-        """The same draws for every image of a batch, from a generator seeded with ``seed``."""
-        if seed is None:
-            return None
-        g = torch.Generator().manual_seed(seed)
-        d, r = self.model.prompt_context.shape[-1], self.sample_num
-        context = torch.randn(r, 1, d, generator=g).expand(r, batch, d)
-        return {"context": context, "normal": torch.randn(r, 1, d, generator=g),
-                "abnormal": torch.randn(r, 1, d, generator=g)}
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -171,18 +112,6 @@ class AnomalyDetector:
 
     def _autocast(self):
         return autocast(self.device, self.precision)
-
-    def _draw_noise(self, batch: int, dim: int) -> dict[str, torch.Tensor]:
-        """Standard-normal draws in the official order, one image after the other."""
-        dev, r = self.device, self.sample_num
-        ctx, normal, abnormal = [], None, None
-        for _ in range(batch):
-            ctx.append(torch.stack([torch.randn(1, dim, device=dev) for _ in range(r)])[:, 0])
-            nrm = torch.stack([torch.randn(1, dim, device=dev) for _ in range(r)])
-            abn = torch.stack([torch.randn(1, dim, device=dev) for _ in range(r)])
-            if normal is None:
-                normal, abnormal = nrm, abn                     # [R, 1, D]
-        return {"context": torch.stack(ctx, dim=1), "normal": normal, "abnormal": abnormal}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | str,
@@ -210,7 +139,8 @@ class AnomalyDetector:
         (cached per evaluation run when drawn from the RNG)."""
         model = self.model
         if noise is None:
-            drawn = self._draw_noise(features.shape[0], features.shape[1])
+            drawn = official_order_noise(self.sample_num, features.shape[0], features.shape[1],
+                                         self.device)
             eps_ctx = drawn["context"]
             if self._states is None:
                 self._states = (model.PFL_normal(drawn["normal"]),

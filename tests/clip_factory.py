@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from models.noise import standard_noise  # noqa: F401  (the tests' noise builder)
 from models.random_clip import GEOMETRIES as _G, clip_shapes, make_clip_state_dict  # noqa: F401
 
 GEOMETRIES = dict(_G, tiny=(64, 4, 16, 2, 64, 2, 64))
@@ -58,7 +59,7 @@ def write_tiny_checkpoints(directory, seed=0, image_size=32, layers=TINY_LAYERS,
     import os
 
     from models.bayes_pfl import BayesPFL
-    from models.clip import build_clip
+    from models.weights import build_clip
 
     geometry = dict(geometry or TINY_GEOMETRY)
     sd = make_clip_state_dict(seed=seed, **geometry)
@@ -88,11 +89,3 @@ def load_tiny(files, layers=TINY_LAYERS, image_size=32):
     model = BayesPFL.from_clip(clip, layers=layers)
     model.load_state_dict(torch.load(ckpt, weights_only=True)["MyModel"])
     return clip, model.eval()
-
-
-def standard_noise(r, b, d, seed):
-    """Standard-normal draws in the detector's noise format, from a seeded generator."""
-    g = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(r, b, d, generator=g),
-            "normal": torch.randn(r, 1, d, generator=g),
-            "abnormal": torch.randn(r, 1, d, generator=g)}

@@ -1,10 +1,10 @@
-import os
-import sys
+"""Shared fixtures: tiny random weights and the model built from them; two threads."""
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.clip_factory import load_tiny, write_tiny_checkpoints
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -12,6 +12,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_files(tmp_path_factory):
     """(clip_path, checkpoint_path) of a tiny random CLIP (32 px, patch 8, 4 blocks) and a
     random official-format Bayes-PFL checkpoint (layers 1 2 3 4)."""
-    from tests.clip_factory import write_tiny_checkpoints
-
     return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_weights"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_files):
+    """(clip, model in eval mode) built from ``tiny_files``; one pair per test module."""
+    return load_tiny(tiny_files)

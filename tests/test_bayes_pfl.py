@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from models import AnomalyDetector, BayesPFL, load_clip
 from models.losses import dice_loss, focal_loss, orthogonality_loss
 from models.prompt_flow import kl_term, planar_flows
-from tests.clip_factory import load_tiny, standard_noise
+from tests.clip_factory import standard_noise
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 LAYERS = [1, 2, 3, 4]
@@ -27,11 +27,6 @@ def golden():
     sd = torch.load(os.path.join(GOLDEN, "bayes_tiny.pth"), weights_only=True)["MyModel"]
     model.load_state_dict(sd, strict=True)
     return case, exp, clip, model
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_files):
-    return load_tiny(tiny_files, layers=LAYERS)
 
 
 _noise = standard_noise
@@ -238,11 +233,11 @@ def test_cut_text_equals_full_77(tiny):
     names = ["bottle", "printed circuit board with a long name"]
     noise = _noise(2, 2, 64, 3)
     cut = det.forward(images, names, noise)
-    model.cut_text = False
+    model.text_mode = "full"
     try:
         full = det.forward(images, names, noise)
     finally:
-        model.cut_text = True
+        model.text_mode = "packed"
     torch.testing.assert_close(cut["text_embeddings"], full["text_embeddings"], rtol=0, atol=2e-6)
     torch.testing.assert_close(cut["anomaly_map"], full["anomaly_map"], rtol=0, atol=2e-6)
 

@@ -16,14 +16,9 @@ from models import AnomalyDetector
 from models.checkpoint import open_checkpoint, save_checkpoint
 from models.errors import SettingsError
 from models.spec import ModelSpec, resolve_spec
-from tests.clip_factory import TINY_LAYERS, load_tiny, standard_noise
+from tests.clip_factory import TINY_LAYERS, standard_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_files):
-    return load_tiny(tiny_files)
 
 
 def _spec(clip, **kw):

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.clip import (CLIPGeometry, OPENAI_SHA256, WeightsError, build_clip, load_clip,
-                         resize_position_grid)
+from models.clip import CLIPGeometry
+from models.errors import WeightsError
+from models.weights import OPENAI_SHA256, build_clip, load_clip, resize_position_grid
 from tests.clip_factory import (GEOMETRIES, clip_shapes, make_clip_state_dict,
                                 write_state_dict, write_torchscript)
 
@@ -265,7 +266,7 @@ def test_bad_arguments(clip_files):
     d, sd = clip_files
     with pytest.raises(ValueError, match="activation"):
         load_clip(d / "sd32.pt", activation="relu")
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ValueError, match="multiple of the CLIP patch size"):
         build_clip(sd, image_size=30)
     m = load_clip(d / "sd32.pt", image_size=24)
     with pytest.raises(ValueError, match="out of range"):

@@ -6,9 +6,12 @@ about 64 (mesh ~40, ring ~70, wood ~84); it moves by a few points between machin
 
 import json
 
+import pytest
+
 import demo
 
 
+@pytest.mark.slow
 def test_demo_learns_on_unseen_categories(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "--quiet", "--no_vis"]) == 0
     printed = capsys.readouterr().out

@@ -8,7 +8,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from utils.metrics import aupro, f1_max
 from utils.protocol import (
-    CLASSIFICATION_ONLY,
     COLUMNS,
     TOPK_20_CLASSES,
     evaluate_class,
@@ -127,7 +126,6 @@ def test_class_without_anomalous_pixels_has_no_pixel_metrics():
 
 
 def test_classification_only_dataset():
-    assert CLASSIFICATION_ONLY == {"HeadCT", "BrainMRI", "Br35H"}
     labels, _, text, maps = _class_case()
     m = evaluate_class(labels, None, text, maps, "brain", "BrainMRI")
     assert all(m[k] is None for k in ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "threshold"))

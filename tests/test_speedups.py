@@ -5,31 +5,26 @@ import torch
 
 from models import AnomalyDetector, BayesPFL, load_clip
 from models.bayes_pfl import packed_pair_layout
-from tests.clip_factory import load_tiny, standard_noise
+from tests.clip_factory import standard_noise
 
 LAYERS = [1, 2, 3, 4]
 NAMES = ["bottle", "metal_nut", "pcb1", "a very long class name with many words"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_files):
-    return load_tiny(tiny_files, layers=LAYERS)
 
 
 _noise = standard_noise
 
 
 class _Mode:
-    """Set cut_text / share_prefix for a block, restoring the defaults after."""
+    """Set the text mode for a block, restoring the default after."""
 
-    def __init__(self, model, cut=True, share=True):
-        self.model, self.cut, self.share = model, cut, share
+    def __init__(self, model, mode="packed"):
+        self.model, self.mode = model, mode
 
     def __enter__(self):
-        self.model.cut_text, self.model.share_prefix = self.cut, self.share
+        self.model.text_mode = self.mode
 
     def __exit__(self, *exc):
-        self.model.cut_text, self.model.share_prefix = True, True
+        self.model.text_mode = "packed"
 
 
 def test_packed_pair_layout_against_its_definition():
@@ -54,9 +49,9 @@ def test_shared_prefix_text_equals_plain_and_full(tiny):
                            torch.randn(r, 1, 64, generator=g), torch.randn(r, 1, 64, generator=g))
     with torch.no_grad():
         packed = model.text_embeddings(clip, samples, NAMES)
-        with _Mode(model, share=False):
+        with _Mode(model, "cut"):
             plain = model.text_embeddings(clip, samples, NAMES)
-        with _Mode(model, cut=False):
+        with _Mode(model, "full"):
             full = model.text_embeddings(clip, samples, NAMES)
     assert packed.shape == (b, 2 * n * r, 64)
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-6)
@@ -67,9 +62,9 @@ def test_shared_prefix_text_work(tiny):
     clip, model = tiny
     tokens = model.class_tokens(["bottle"])
     assert model.text_work(tokens, 30) == (30, 20)     # [SOS] + 5 shared + 2 x (5 + 1 + 1)
-    with _Mode(model, share=False):
+    with _Mode(model, "cut"):
         assert model.text_work(tokens, 30) == (60, 13)
-    with _Mode(model, cut=False):
+    with _Mode(model, "full"):
         assert model.text_work(tokens, 30) == (60, 77)
 
 
@@ -79,7 +74,7 @@ def test_detector_outputs_equal_with_and_without_sharing(tiny):
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     noise = _noise(3, 4, 64, 2)
     packed = det.forward(images, NAMES, noise)
-    with _Mode(model, share=False):
+    with _Mode(model, "cut"):
         plain = det.forward(images, NAMES, noise)
     for key in ("text_embeddings", "image_score", "anomaly_map"):
         torch.testing.assert_close(packed[key], plain[key], rtol=0, atol=2e-6)
@@ -107,7 +102,7 @@ def test_training_losses_and_gradients_equal_with_and_without_sharing(tiny):
     model.train()
     try:
         packed, grads_packed = run()
-        with _Mode(model, share=False):
+        with _Mode(model, "cut"):
             plain, grads_plain = run()
     finally:
         model.zero_grad()
@@ -166,12 +161,6 @@ def test_lower_precision_leaves_fp32_untouched(tiny):
 
 # ---------------------------------------------------------------------------------------------
 # GPU readiness: the per-batch work makes no host-device synchronisation
-
-def test_training_pair_slice_is_prompts_i_and_n_plus_i():
-    text = torch.randn(2, 6, 4)
-    for i in range(3):
-        assert torch.equal(text[:, i::3], text[:, [i, 3 + i]])
-
 
 def test_running_losses_show_at_once_on_cpu():
     from utils.training import RunningLosses

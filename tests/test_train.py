@@ -427,6 +427,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_stay_identical(tmp_path, synth_root, tiny_files):
     cfg = make_config(tmp_path / "run", synth_root, tiny_files[0], batch_size=2, epochs=4)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)),

@@ -112,12 +112,14 @@ def test_test_py_and_predict_py_see_the_same_input_and_score(tmp_path, tiny_file
     item = AnomalyDataset(str(tmp_path / "data"), "x", image_size=32)[0]
 
     from models import AnomalyDetector
+    from models.noise import shared_noise
+    from utils.inference import predict_images, preprocess
 
     clip, model = load_tiny(tiny_files)
     det = AnomalyDetector(clip, model, image_size=32, sample_num=2, stage=2, layers=[1, 2, 3, 4])
     path = str(tmp_path / "data" / "square" / "a.png")
-    assert torch.equal(det.preprocess(path), item["image"])
-    assert torch.equal(det.preprocess(path, exif_transpose=True), item["image"])
-    (result,) = det.predict_images([path], "square", seed=3)
-    out = det.predict(item["image"][None], ["square"], det._seeded_noise(3, 1))
+    assert torch.equal(preprocess(path, 32), item["image"])
+    assert torch.equal(preprocess(path, 32, exif_transpose=True), item["image"])
+    (result,) = predict_images(det, [path], "square", seed=3)
+    out = det.predict(item["image"][None], ["square"], shared_noise(2, 1, clip.embed_dim, 3))
     assert result["text_score"] == float(out["image_score"][0])

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.protocol import (CLASSIFICATION_ONLY, COLUMNS, evaluate_class, gaussian_smooth,
-                            summarise)
+from dataset.registry import is_classification_only
+from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth, summarise
+from utils.visualize import four_panel, read_rgb, save_rgb
 
 
 
@@ -94,8 +95,6 @@ class PictureWriter:
         self._jobs.put((outputs, smoothed, threshold))
 
     def _run(self) -> None:
-        from utils.visualize import four_panel, read_rgb, save_rgb
-
         while True:
             job = self._jobs.get()
             if job is None:
@@ -129,7 +128,7 @@ def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
     try:
         for outputs in iterate_classes(detector, loader, progress):
             metrics = evaluate_class(
-                outputs.labels, None if dataset_name in CLASSIFICATION_ONLY else outputs.masks,
+                outputs.labels, None if is_classification_only(dataset_name) else outputs.masks,
                 outputs.text_scores, outputs.maps, outputs.name, dataset_name, pro=pro)
             row = {k: metrics.get(k) for k in COLUMNS}
             rows[outputs.name] = row

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import torch
 
+from models.errors import SettingsError
 from models.precision import PRECISIONS, autocast  # noqa: F401  (re-exported)
 
 
@@ -28,8 +29,8 @@ def resolve_device(device: str | None = None, device_id: int | None = None) -> t
         device = f"cuda:{device_id}"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; "
-                         "use --device cpu")
+        raise SettingsError("--device cuda was asked for but no CUDA device is available; "
+                            "use --device cpu")
     return dev
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from dataset.data import CLASSIFICATION_ONLY
+from dataset.registry import is_classification_only, topk20_classes
 from utils.metrics import (
     aupro,
     aupro_official,
@@ -24,9 +24,7 @@ from utils.metrics import (
     sort_by_label,
 )
 
-TOPK_20_CLASSES = frozenset(
-    {"capsules", "macaroni1", "macaroni2", "pipe_fryum", "screw", "cashew", "chewinggum"}
-)
+TOPK_20_CLASSES = topk20_classes()          # capsules, macaroni1/2, pipe_fryum, screw, ...
 
 PIXEL_METRICS = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "threshold")
 IMAGE_METRICS = ("auroc_sp", "ap_sp", "f1_sp")
@@ -182,7 +180,7 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
 
     pixel = dict.fromkeys(PIXEL_METRICS)
     smoothed_np = None
-    if dataset_name in CLASSIFICATION_ONLY or maps is None:
+    if is_classification_only(dataset_name) or maps is None:
         image_scores = text
     else:
         maps_t = torch.as_tensor(maps).detach()

@@ -1,0 +1,49 @@
+"""The standard-normal draws behind the prompt samples, as the dicts ``AnomalyDetector``
+takes: ``{"context": [R, B, D], "normal": [R, 1, D], "abnormal": [R, 1, D]}``.
+
+``context`` drives the image-specific distribution (one column per image), ``normal`` and
+``abnormal`` the two image-agnostic ones (shared by every image of an evaluation run).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("context", "normal", "abnormal")
+
+
+def standard_noise(sample_num: int, batch: int, dim: int, seed: int | None = None,
+                   generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Independent draws, context then normal then abnormal, from ``generator`` (or a CPU
+    generator seeded with ``seed``; neither: the torch RNG)."""
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    draws = {"context": torch.randn(sample_num, batch, dim, generator=generator),
+             "normal": torch.randn(sample_num, 1, dim, generator=generator),
+             "abnormal": torch.randn(sample_num, 1, dim, generator=generator)}
+    return {k: v.to(device) for k, v in draws.items()} if device is not None else draws
+
+
+def shared_noise(sample_num: int, batch: int, dim: int, seed: int) -> dict[str, torch.Tensor]:
+    """The same draws for every image of the batch (from ``seed``), so that an image's result
+    depends neither on the other images nor on its position."""
+    one = standard_noise(sample_num, 1, dim, seed=seed)
+    return {**one, "context": one["context"].expand(sample_num, batch, dim)}
+
+
+def official_order_noise(sample_num: int, batch: int, dim: int,
+                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Draws from the torch RNG in the official order, one image after the other: its R
+    context draws, then R normal, then R abnormal, each [1, D]. The state draws of the first
+    image are the ones kept (the official code caches them), so a seeded run gives the same
+    samples whatever the batch size."""
+    ctx, normal, abnormal = [], None, None
+    for _ in range(batch):
+        ctx.append(torch.stack([torch.randn(1, dim, device=device)
+                                for _ in range(sample_num)])[:, 0])
+        nrm = torch.stack([torch.randn(1, dim, device=device) for _ in range(sample_num)])
+        abn = torch.stack([torch.randn(1, dim, device=device) for _ in range(sample_num)])
+        if normal is None:
+            normal, abnormal = nrm, abn                                     # [R, 1, D]
+    return {"context": torch.stack(ctx, dim=1), "normal": normal, "abnormal": abnormal}

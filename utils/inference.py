@@ -1,0 +1,286 @@
+"""Scoring your own images: single images in memory, and whole folders with thresholds,
+calibration on known-good images, heat-map overlays and result files. predict.py is the
+command line over :func:`predict_folder`; in a notebook:
+
+    from models import AnomalyDetector
+    from utils.inference import predict_images, predict_folder
+
+    det = AnomalyDetector.from_files("pretrained_weight/ViT-L-14-336px.pt",
+                                     "bayes_weight/train_visa.pth")
+    results = predict_images(det, ["part1.png", "part2.png"], "metal nut", seed=0)
+    summary = predict_folder(det, ["my_parts/"], "predictions", class_name="metal nut",
+                             calibrate="known_good_parts/")
+
+The score of an image is the mean of its text score (mean abnormal probability of the prompt
+pairs) and its map score (mean of the top-k anomaly-map values, k as the official protocol):
+both in [0, 1]. The official per-class min-max needs a whole test set and is not applied.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from dataset.files import IMAGE_EXTENSIONS
+from dataset.transforms import ImageReadError, preprocess_image, read_image, to_pil_image
+from models.errors import UserError
+from models.noise import shared_noise
+from utils.discovery import (ImageItem, collect_images, group_by_class, overlay_names,
+                             why_no_images)
+from utils.protocol import gaussian_smooth, topk_for_class
+from utils.visualize import heat_overlay, save_rgb
+
+CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
+               "error"]
+SCORE_DEFINITION = ("mean of text_score (mean abnormal probability of the prompt pairs) and "
+                    "map_score (mean of the top-k anomaly-map values); no per-class min-max")
+
+
+class InputError(UserError, ValueError):
+    """The inputs name no image (or the calibration folder holds none)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Images in memory
+
+
+def preprocess(image, image_size: int, exif_transpose: bool = False) -> torch.Tensor:
+    """A path, a PIL image (any mode) or a numpy array -> the network input [3, S, S], exactly
+    as test.py's (``dataset.transforms``); ``exif_transpose`` turns a file upright first."""
+    return preprocess_image(to_pil_image(image, exif_transpose), image_size)
+
+
+def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
+                   batch_size: int = 8, smooth_sigma: float = 8.0, seed: int | None = None,
+                   exif_transpose: bool = True) -> list[dict]:
+    """Score images (PIL, paths or arrays) of one class (or one class name each).
+
+    Returns one dict per image: ``text_score``, ``map_score`` (mean of the top-k map values,
+    k = 20 or 2000 as the official protocol), ``score`` = the mean of the two, and
+    ``anomaly_map`` float32 [H, W] at the image's original size (smoothed with a Gaussian of
+    ``smooth_sigma`` at S x S, then resized bilinearly).
+
+    ``seed``: when given, every image gets the same standard-normal draws, so that an image's
+    result depends neither on the other images of the call nor on its position; None: draws
+    from the torch RNG as ``detector.predict``. ``exif_transpose``: files are turned upright by
+    their EXIF orientation (as image viewers show them; the official code ignores it); files
+    without one read the same either way."""
+    names = [class_name] * len(images) if isinstance(class_name, str) else list(class_name)
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} class names for {len(images)} images")
+    dim = detector.model.prompt_context.shape[-1]
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = [to_pil_image(im, exif_transpose) for im in images[start:start + batch_size]]
+        batch = torch.stack([preprocess_image(im, detector.image_size) for im in chunk])
+        chunk_names = names[start:start + batch_size]
+        noise = None if seed is None else shared_noise(detector.sample_num, len(chunk), dim,
+                                                       seed)
+        out = detector.predict(batch, chunk_names, noise)
+        maps = out["anomaly_map"].float()
+        smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
+        for i, im in enumerate(chunk):
+            k = min(topk_for_class(chunk_names[i]), maps[i].numel())
+            map_score = float(maps[i].flatten().topk(k).values.mean())
+            text_score = float(out["image_score"][i])
+            full = F.interpolate(smoothed[i][None, None], size=(im.height, im.width),
+                                 mode="bilinear", align_corners=False)[0, 0]
+            results.append({"text_score": text_score, "map_score": map_score,
+                            "score": 0.5 * (text_score + map_score),
+                            "anomaly_map": full.cpu().numpy()})
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+
+
+def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
+                seed: int | None = None, exif_transpose: bool = True
+                ) -> Iterator[tuple[ImageItem, Image.Image | None, dict | str]]:
+    """Score items in batches of one class each. Yields (item, image as read, result of
+    ``predict_images``) for each image, or (item, None, reason) for a file that cannot be
+    read. ``exif_transpose``: files are turned upright by their EXIF orientation first."""
+    batch: list[tuple[ImageItem, Image.Image]] = []
+
+    def flush():
+        results = predict_images(detector, [im for _, im in batch], batch[0][0].class_name,
+                                 batch_size=len(batch), seed=seed)
+        done = [(item, im, res) for (item, im), res in zip(batch, results)]
+        batch.clear()
+        return done
+
+    for item in items:
+        if batch and (batch[0][0].class_name != item.class_name or len(batch) >= batch_size):
+            yield from flush()
+        try:
+            image = read_image(item.path, exif_transpose)
+        except ImageReadError as e:
+            yield item, None, str(e)
+            continue
+        batch.append((item, image))
+    if batch:
+        yield from flush()
+
+
+def calibrate_threshold(scores: Sequence[float], percentile: float = 100.0) -> float:
+    """The ``percentile`` (0..100, linear interpolation as numpy) of the scores of images
+    known to be good; 100 is their maximum."""
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be within 0..100, not {percentile}")
+    if len(scores) == 0:
+        raise ValueError("no calibration scores: the calibration folder gave no readable image")
+    return float(np.percentile(np.asarray(scores, dtype=np.float64), percentile))
+
+
+def decide(score: float, threshold: float | None) -> str | None:
+    """'anomalous' when score >= threshold, else 'normal'; None without a threshold."""
+    if threshold is None:
+        return None
+    return "anomalous" if score >= threshold else "normal"
+
+
+def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray) -> None:
+    """The image at full size with its anomaly map blended on top, the map read as
+    probabilities (0 -> blue, 1 -> red) so that overlays compare between images."""
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    save_rgb(path, heat_overlay(rgb, anomaly_map, vmin=0.0, vmax=1.0))
+
+
+def write_outputs(out: str, result: dict) -> tuple[str, str]:
+    """``predictions.json`` (the whole result) and ``predictions.csv`` (the predictions, then
+    the skipped files with decision 'skipped' and the reason in 'error')."""
+    os.makedirs(out, exist_ok=True)
+    json_path = os.path.join(out, "predictions.json")
+    csv_path = os.path.join(out, "predictions.csv")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in result["predictions"]:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k, "")
+                             for k in CSV_COLUMNS})
+        for row in result["skipped"]:
+            writer.writerow({"path": row["path"], "class_name": row["class_name"],
+                             "decision": "skipped", "error": row["error"]})
+    return csv_path, json_path
+
+
+def _scored(detector, items, batch_size, desc, progress, skipped, seed=None,
+            exif_transpose=True):
+    """(item, image, result) of each readable item as it is scored, under a progress bar;
+    unreadable files are reported and appended to ``skipped``. Nothing is held beyond a
+    batch, so folders of any size fit in memory."""
+    with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for item, image, res in iter_scores(detector, items, batch_size, seed, exif_transpose):
+            bar.update(1)
+            if image is None:
+                tqdm.write(f"warning: skipped: {res}", file=sys.stderr)
+                skipped.append({"path": item.path, "class_name": item.class_name,
+                                "error": res})
+                continue
+            yield item, image, res
+
+
+@dataclass
+class Inputs:
+    """What the inputs name: the images to score, the known-good images to calibrate on, and
+    the inputs that named no image, each with the reason."""
+    items: list[ImageItem]
+    calibration: list[ImageItem] = field(default_factory=list)
+    unmatched: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str | None = None,
+                calibrate: str | None = None) -> Inputs:
+    """The images named by ``inputs`` (files, folders, glob patterns; the output folder
+    ``out`` left out), grouped class by class; ``class_name`` None: each image's folder name.
+    Raises InputError when nothing is found (in the inputs or the calibration folder)."""
+    exclude = [out] if out else []
+    unmatched: list[str] = []
+    items = group_by_class(collect_images(inputs, class_name, exclude,
+                                          on_unmatched=unmatched.append))
+    reasons = [(spec, why_no_images(spec)) for spec in unmatched]
+    if not items:
+        said = "; ".join(f"'{spec}': {why}" for spec, why in reasons)
+        raise InputError(f"no images found ({said}): give image files "
+                         f"({', '.join(IMAGE_EXTENSIONS)}), folders holding them or glob "
+                         "patterns")
+    calibration: list[ImageItem] = []
+    if calibrate is not None:
+        calibration = group_by_class(collect_images([calibrate], class_name, exclude))
+        if not calibration:
+            raise InputError(f"no images found in the calibration folder '{calibrate}'")
+    return Inputs(items, calibration, reasons)
+
+
+def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
+                   class_name: str | None = None, threshold: float | None = None,
+                   calibrate: str | None = None, percentile: float = 100.0,
+                   batch_size: int = 8, seed: int | None = 111, overlays: bool = True,
+                   exif_transpose: bool = True, progress: bool = False,
+                   settings: dict | None = None) -> dict:
+    """Score every image the inputs name, write ``<out>/predictions.csv`` / ``.json`` and
+    (``overlays``) a heat-map overlay per image, and return what predictions.json holds.
+
+    The threshold is ``threshold`` when given, else the ``percentile`` of the scores of the
+    known-good images in ``calibrate`` (scored first, so that it depends only on them and the
+    seed), else none (no decisions). Unreadable files are skipped and listed."""
+    if not isinstance(inputs, Inputs):
+        inputs = find_inputs(inputs, out, class_name, calibrate)
+    skipped: list[dict] = []
+    chosen: dict = {"method": "none", "value": None}
+    if threshold is not None:
+        chosen = {"method": "fixed", "value": float(threshold)}
+    elif inputs.calibration:
+        calib_skipped: list[dict] = []
+        scores, classes = [], set()
+        for item, _, res in _scored(detector, inputs.calibration, batch_size, "calibrate",
+                                    progress, calib_skipped, seed, exif_transpose):
+            scores.append(res["score"])
+            classes.add(item.class_name)
+        if not scores:
+            raise InputError(f"no readable image in the calibration folder '{calibrate}'")
+        chosen = {"method": "calibrated", "value": calibrate_threshold(scores, percentile),
+                  "calibration": {"directory": calibrate, "n_images": len(scores),
+                                  "percentile": percentile, "class_names": sorted(classes),
+                                  "score_min": float(min(scores)),
+                                  "score_max": float(max(scores)), "skipped": calib_skipped}}
+
+    names = dict(zip(inputs.items, overlay_names(inputs.items)))
+    rows = []
+    for item, image, res in _scored(detector, inputs.items, batch_size, "predict", progress,
+                                    skipped, seed, exif_transpose):
+        overlay = None
+        if overlays:
+            overlay = os.path.join(out, "overlays", names[item])
+            save_overlay(overlay, image, res["anomaly_map"])
+        rows.append({"path": item.path, "class_name": item.class_name, "score": res["score"],
+                     "text_score": res["text_score"], "map_score": res["map_score"],
+                     "decision": decide(res["score"], chosen["value"]),
+                     "overlay": overlay, "width": image.width, "height": image.height})
+    result = {
+        "threshold": chosen,
+        "summary": {"n_images": len(rows),
+                    "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
+                    "n_skipped": len(skipped)},
+        "score": SCORE_DEFINITION,
+        "settings": {**(settings or {}), "stage": detector.stage},
+        "predictions": rows,
+        "skipped": skipped,
+    }
+    csv_path, json_path = write_outputs(out, result)
+    result["files"] = {"csv": csv_path, "json": json_path}
+    return result

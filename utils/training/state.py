@@ -1,0 +1,72 @@
+"""Resumable state: derived seeds, the RNG states, and reading a run's ``last.pth``."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from .config import TrainingError
+
+RESUME_FORMAT = 2
+# Purposes of derived seeds (see derive_seed).
+SEED_GLOBAL, SEED_LOADER, SEED_PROMPT, SEED_VALIDATION, SEED_CACHE = range(5)
+
+
+def derive_seed(seed: int, epoch: int, rank: int, purpose: int) -> int:
+    """A 32-bit seed for one purpose of one epoch on one rank."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, epoch, rank, purpose])
+               .generate_state(1)[0])
+
+
+# Resumable state
+# ------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                       int(np_state[2]), int(np_state[3]), float(np_state[4])),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def read_resume_state(path: str) -> dict:
+    """The contents of a ``last.pth`` written by :class:`Trainer`."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"resume checkpoint {path} not found; train without --resume first "
+                            f"or give the path of an existing last.pth")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise TrainingError(f"{path} cannot be read as a training state ({type(error).__name__});"
+                            f" resume from another last.pth or start afresh") from None
+    if isinstance(state, dict) and isinstance(state.get("format"), int) \
+            and state["format"] < RESUME_FORMAT:
+        raise TrainingError(f"{path} was written by an earlier version of this project, whose "
+                            f"stage rule differs from the official one; start the run afresh")
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise TrainingError(f"{path} is not a resumable training state (an official-format "
+                            f"checkpoint cannot be resumed); give the run's last.pth")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
