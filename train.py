@@ -21,6 +21,17 @@ from utils.misc import setup_logging
 from utils.training import TrainConfig, train
 
 IGNORED = "accepted for compatibility with the official scripts and ignored"
+LEARNING_RATE_FLAGS = (
+    ("--learning_rate", "accepted for compatibility and has no effect, as in the official code "
+                        "(every group sets its own lr; the 'rest' group uses "
+                        "--learning_rate_linear)"),
+    ("--learning_rate_PFL", "stage 1: names with PFL but neither encoder nor decoder"),
+    ("--learning_rate_prompt", "stage 1: the prompt bank"),
+    ("--learning_rate_linear", "stage 1: the 'rest' group (encoders, decoders, RCA, class/image "
+                               "mapping, fuse); stage 2: class_mapping, image_mapping, fuse "
+                               "(no schedule)"),
+    ("--temperature_lr", "stage 1: temperature_pixel and temperature_image"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,18 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_path", default=d.save_path, help="output folder")
     a("--pretrained_path", default=d.pretrained_path, help="CLIP weights (OpenAI archive)")
     add_model_arguments(p, from_checkpoint=False)
-    a("--learning_rate", type=float, default=d.learning_rate,
-      help="accepted for compatibility and has no effect, as in the official code (every "
-           "group sets its own lr; the 'rest' group uses --learning_rate_linear)")
-    a("--learning_rate_PFL", type=float, default=d.learning_rate_PFL,
-      help="stage 1: names with PFL but neither encoder nor decoder")
-    a("--learning_rate_prompt", type=float, default=d.learning_rate_prompt,
-      help="stage 1: the prompt bank")
-    a("--learning_rate_linear", type=float, default=d.learning_rate_linear,
-      help="stage 1: the 'rest' group (encoders, decoders, RCA, class/image mapping, fuse); "
-           "stage 2: class_mapping, image_mapping, fuse (no schedule)")
-    a("--temperature_lr", type=float, default=d.temperature_lr,
-      help="stage 1: temperature_pixel and temperature_image")
+    for flag, help_text in LEARNING_RATE_FLAGS:
+        a(flag, type=float, default=getattr(d, flag[2:]), help=help_text)
     a("--batch_size", type=int, default=d.batch_size,
       help="per process: with torchrun the effective batch is nproc_per_node x batch_size")
     a("--epochs", type=int, default=d.epochs, help="at most this many epochs (both stages)")

@@ -70,8 +70,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.de
         if device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA "
                     "device(s)")
-    for name in ("batch_size", "iters"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "iters", "sample_num"):
+        if getattr(args, name, 1) < 1:
             p.error(f"--{name} must be at least 1")
     if args.warmup < 0:
         p.error("--warmup must be at least 0")
@@ -218,3 +218,12 @@ def machine_line(device: torch.device) -> str:
         load = f", load average {os.getloadavg()[0]:.2f}"
     return (f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
             f"{load}, torch {torch.__version__}")
+
+
+def benchmark_main(get_parser, run, report, argv=None) -> int:
+    """Parse the flags, check them, run the benchmark and print its report."""
+    p = get_parser()
+    args = p.parse_args(argv)
+    device = check_args(p, args)
+    report(args, device, run(args, device))
+    return 0

@@ -16,19 +16,14 @@ the plain computation (2NR sequences of the full context).
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import sys
 
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import (
-    PeakMemory,
-    Timer,
-    add_common_flags,
-    build_models,
-    check_args,
-    machine_line,
-)
+from benchmarks.common import (PeakMemory, Timer, add_common_flags, benchmark_main, build_models,
+                               machine_line)
 from models.bayes_pfl import TEXT_MODES
 from models.detector import AnomalyDetector
 from models.noise import standard_noise
@@ -147,14 +142,7 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
               f"{score:.2e} (image scores), {amap:.2e} (maps)")
 
 
-def main(argv=None) -> int:
-    p = get_parser()
-    args = p.parse_args(argv)
-    device = check_args(p, args)
-    if args.sample_num < 1:
-        p.error("--sample_num must be at least 1")
-    report(args, device, run(args, device))
-    return 0
+main = partial(benchmark_main, get_parser, run, report)     # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

@@ -16,19 +16,14 @@ per repetition.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import sys
 
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import (
-    PeakMemory,
-    Timer,
-    add_common_flags,
-    build_models,
-    check_args,
-    machine_line,
-)
+from benchmarks.common import (PeakMemory, Timer, add_common_flags, benchmark_main, build_models,
+                               machine_line)
 from utils.training import (
     TrainConfig,
     TrainingStep,
@@ -141,12 +136,7 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
           f"free the whole-step ratio would still be {image / (image + full):.3f}")
 
 
-def main(argv=None) -> int:
-    p = get_parser()
-    args = p.parse_args(argv)
-    device = check_args(p, args)
-    report(args, device, run(args, device))
-    return 0
+main = partial(benchmark_main, get_parser, run, report)     # main(argv=None) -> exit code
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ whose process no longer runs is taken over.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -28,14 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-try:
-    from dataset.errors import DatasetError
-except ModuleNotFoundError as missing:  # run as a file without the project installed
-    if missing.name != "dataset":
-        raise
-    sys.exit("make_dataset: the package 'dataset' cannot be imported: run 'python -m "
-             "dataset.make_dataset ...' from the repository root, or install the project with "
-             "'pip install -e .'.")
+if __package__ in (None, "") and importlib.util.find_spec("dataset") is None:   # a bare file
+    sys.exit(f"{Path(__file__).stem}: the package 'dataset' cannot be imported: run 'python -m "
+             f"dataset.{Path(__file__).stem} ...' from the repository root, or install the "
+             "project with 'pip install -e .'.")
+from dataset.errors import DatasetError
 from dataset.converters import CONVERTERS, execute
 from dataset.files import find_dir
 

@@ -20,20 +20,18 @@ from the file headers only).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-try:
-    from dataset.errors import DatasetError
-except ModuleNotFoundError as missing:  # run as a file without the project installed
-    if missing.name != "dataset":
-        raise
-    sys.exit("make_meta: the package 'dataset' cannot be imported: run 'python -m "
-             "dataset.make_meta ...' from the repository root, or install the project with "
-             "'pip install -e .'.")
+if __package__ in (None, "") and importlib.util.find_spec("dataset") is None:   # a bare file
+    sys.exit(f"{Path(__file__).stem}: the package 'dataset' cannot be imported: run 'python -m "
+             f"dataset.{Path(__file__).stem} ...' from the repository root, or install the "
+             "project with 'pip install -e .'.")
+from dataset.errors import DatasetError
 from PIL import Image
 
 from dataset.files import find_dir, list_dirs, list_files

@@ -360,13 +360,20 @@ def _train_batch(clip, b=2):
     return feats, tokens, labels, masks
 
 
-def test_stage1_gradients_reach_every_group(tiny):
-    clip, model = tiny
+def _backward(clip, model, stage: int, prompt: int) -> tuple[dict, set[str]]:
+    """One training forward and backward; (outputs, names of parameters with a gradient)."""
     feats, tokens, labels, masks = _train_batch(clip)
     model.zero_grad()
-    out = model.training_forward(clip, feats, tokens, ["a", "b"], labels, masks, 1, stage=1)
+    out = model.training_forward(clip, feats, tokens, ["a", "b"], labels, masks, prompt, stage)
     out["loss"].backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    model.zero_grad()
+    return out, got
+
+
+def test_stage1_gradients_reach_every_group(tiny):
+    clip, model = tiny
+    out, got = _backward(clip, model, stage=1, prompt=1)
     for name in ("prompt_context", "prompt_state_normal", "prompt_state_abnormal",
                  "temperature_pixel", "temperature_image", "context_encoder.weight_mean.module.0.weight",
                  "state_encoder.weight_log_variance.module.4.bias", "PFL_context.amor_u.weight",
@@ -379,20 +386,13 @@ def test_stage1_gradients_reach_every_group(tiny):
         assert torch.isfinite(out[key])
     torch.testing.assert_close(out["loss"], out["loss_ce"] + out["loss_seg"]
                                + 0.01 * out["loss_kl"] + out["loss_orth"])
-    model.zero_grad()
 
 
 def test_stage2_gradients_only_heads(tiny):
     clip, model = tiny
-    feats, tokens, labels, masks = _train_batch(clip)
-    model.zero_grad()
-    out = model.training_forward(clip, feats, tokens, ["a", "b"], labels, masks, 0, stage=2)
-    out["loss"].backward()
-    got = {n.split(".")[0] for n, p in model.named_parameters()
-           if p.grad is not None and p.grad.abs().sum() > 0}
-    assert got == {"class_mapping", "image_mapping", "fuse"}
+    out, got = _backward(clip, model, stage=2, prompt=0)
+    assert {n.split(".")[0] for n in got} == {"class_mapping", "image_mapping", "fuse"}
     torch.testing.assert_close(out["loss"], out["loss_ce"])
-    model.zero_grad()
 
 
 def test_training_forward_matches_inference_pieces(tiny):

@@ -65,6 +65,20 @@ def run(name: str, src: Path, dst: Path, **kw) -> Path:
     return dst / resolve_name(name)
 
 
+def raw(tmp_path: Path, make) -> Path:
+    """tmp_path/raw with the fake raw data ``make`` writes."""
+    make(tmp_path / "raw")
+    return tmp_path / "raw"
+
+
+def converted(tmp_path: Path, name: str, make, classes) -> Path:
+    """Fake raw data written by ``make`` under tmp_path/raw, converted to tmp_path/data; the
+    output folder, checked to hold ``classes`` in the standard layout."""
+    out = run(name, raw(tmp_path, make), tmp_path / "data")
+    assert_layout(out, classes)
+    return out
+
+
 def assert_layout(out: Path, classes) -> None:
     assert list_dirs(out) == sorted(classes)
     for cls in classes:
@@ -140,10 +154,8 @@ def make_mvtec(src: Path) -> None:
 
 
 def test_mvtec(tmp_path):
+    out = converted(tmp_path, "mvtec", make_mvtec, MVTEC)
     src = tmp_path / "raw"
-    make_mvtec(src)
-    out = run("mvtec", src, tmp_path / "data")
-    assert_layout(out, MVTEC)
     assert class_files(out, "bottle") == [
         "ground_truth/anomaly/mvtec_broken_large_000002.png",
         "ground_truth/anomaly/mvtec_contamination_000003.png",
@@ -168,8 +180,7 @@ def test_mvtec(tmp_path):
 
 
 def test_mvtec_missing_mask_names_the_file(tmp_path):
-    src = tmp_path / "raw"
-    make_mvtec(src)
+    src = raw(tmp_path, make_mvtec)
     (src / "pill/ground_truth/crack/000_mask.png").unlink()
     with pytest.raises(DatasetError, match=r"Mask .*pill.ground_truth.crack.000_mask\.png .*not found"):
         run("mvtec", src, tmp_path / "data")
@@ -177,8 +188,7 @@ def test_mvtec_missing_mask_names_the_file(tmp_path):
 
 
 def test_mvtec_missing_class_folder(tmp_path):
-    src = tmp_path / "raw"
-    make_mvtec(src)
+    src = raw(tmp_path, make_mvtec)
     for path in sorted((src / "zipper").rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     (src / "zipper").rmdir()
@@ -212,10 +222,8 @@ def make_visa(src: Path, rows=None) -> None:
 
 
 def test_visa(tmp_path):
+    out = converted(tmp_path, "VISA", make_visa, VISA)   # the name is matched in any case
     src = tmp_path / "raw"
-    make_visa(src)
-    out = run("VISA", src, tmp_path / "data")      # the name is matched case-insensitively
-    assert_layout(out, VISA)
     assert class_files(out, "candle") == [
         "ground_truth/anomaly/visa_000_000002.png",
         "test/anomaly/visa_000_000002.bmp",
@@ -284,10 +292,8 @@ def make_dtd(src: Path) -> None:
 
 
 def test_dtd_fixed_order_and_stray_files(tmp_path):
+    out = converted(tmp_path, "dtd", make_dtd, [cls for _, cls in DTD_TEXTURES])
     src = tmp_path / "raw"
-    make_dtd(src)
-    out = run("dtd", src, tmp_path / "data")
-    assert_layout(out, [cls for _, cls in DTD_TEXTURES])
     # processing order of the released data: woven2 first, mesh second, blotchy last
     assert class_files(out, "woven2") == [
         "ground_truth/anomaly/DTD_bad_002_000001.png", "test/anomaly/DTD_bad_002_000001.bmp",
@@ -299,8 +305,7 @@ def test_dtd_fixed_order_and_stray_files(tmp_path):
 
 
 def test_dtd_unknown_texture_folder(tmp_path):
-    src = tmp_path / "raw"
-    make_dtd(src)
+    src = raw(tmp_path, make_dtd)
     (src / "Woven_999").mkdir()
     with pytest.raises(DatasetError, match="Woven_999 is not a DTD-Synthetic texture"):
         run("DTD", src, tmp_path / "data")
@@ -423,11 +428,11 @@ def make_pos_neg(src: Path, pos, neg, defect_values=(0, 255)) -> None:
 
 
 def test_ksdd2(tmp_path):
+    out = converted(tmp_path, "KSDD2", lambda src: make_pos_neg(
+        src, ["KSDD2-metal-defect-000004", "KSDD2-metal-defect-000002"],
+        ["KSDD2-metal-null-000003", "KSDD2-metal-null-000001", "KSDD2-metal-null-000002"]),
+        ["Metal"])
     src = tmp_path / "raw"
-    make_pos_neg(src, ["KSDD2-metal-defect-000004", "KSDD2-metal-defect-000002"],
-                 ["KSDD2-metal-null-000003", "KSDD2-metal-null-000001", "KSDD2-metal-null-000002"])
-    out = run("KSDD2", src, tmp_path / "data")
-    assert_layout(out, ["Metal"])
     assert class_files(out, "Metal") == [
         "ground_truth/anomaly/KSDD2-metal-defect-000002_0000000000.png",
         "ground_truth/anomaly/KSDD2-metal-defect-000004_0000000001.png",
@@ -466,11 +471,10 @@ def test_pos_neg_missing_mask(tmp_path):
 
 
 def test_rsdd(tmp_path):
-    src = tmp_path / "raw"
-    make_pos_neg(src, ["RSDD_II-metal-defect-000001", "RSDD_I-metal-defect-000156"],
-                 ["RSDD_I-metal-null-000157", "RSDD_I-metal-null-000158", "RSDD_I-metal-null-000159"])
-    out = run("rsdd", src, tmp_path / "data")
-    assert_layout(out, ["Metal15"])
+    out = converted(tmp_path, "rsdd", lambda src: make_pos_neg(
+        src, ["RSDD_II-metal-defect-000001", "RSDD_I-metal-defect-000156"],
+        ["RSDD_I-metal-null-000157", "RSDD_I-metal-null-000158", "RSDD_I-metal-null-000159"]),
+        ["Metal15"])
     assert [Path(f).name for f in class_files(out, "Metal15") if f.startswith("test/")] == [
         "RSDD_I-metal-defect-000156_0000000000.bmp", "RSDD_II-metal-defect-000001_0000000001.bmp",
         "RSDD_I-metal-null-000157_0000000002.bmp", "RSDD_I-metal-null-000158_0000000003.bmp"]

@@ -179,15 +179,8 @@ def test_running_losses_show_at_once_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_sync_in_inference_and_training_step(tiny_files):
-    from utils.training import (
-        RunningLosses,
-        TrainConfig,
-        TrainingStep,
-        encode_images,
-        make_optimizer,
-        optimisation_step,
-        set_trainable,
-    )
+    from utils.training import (RunningLosses, TrainConfig, TrainingStep, encode_images,
+                                make_optimizer, optimisation_step, set_trainable)
 
     clip_path, ckpt = tiny_files
     device = torch.device("cuda")

@@ -9,10 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from dataset.synthetic_scenes import MAX_AREA, MIN_AREA
 from dataset.synthetic import (
     CATEGORIES,
-    MAX_AREA,
-    MIN_AREA,
     OBJECTS,
     TEXTURES,
     defects_of,

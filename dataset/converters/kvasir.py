@@ -1,14 +1,14 @@
-"""Kvasir (AnomalyCLIP copy) -> `Kvasir`, class `colon`.
-
-Raw: `<src>/object/test/<def>/*.png` with masks of the same name in
-`<src>/object/ground_truth/<def>/`.
+"""Kvasir (AnomalyCLIP copy) -> `Kvasir`, class `colon`: the raw layout of CVC-ColonDB
+(`<src>/object/test/<def>/*.png`, masks of the same name in `<src>/object/ground_truth/<def>/`)
+under its own prefix.
 """
 from __future__ import annotations
 
-from .common import ObjectLayout, same_name
+from dataclasses import replace
+
+from . import colondb
 
 NAME = "Kvasir"
-LAYOUT = ObjectLayout(prefix=NAME, class_name="colon", train_glob="*.png", good_glob="*.png",
-                      anomaly_glob="*.png", mask_rule=same_name)
+LAYOUT = replace(colondb.LAYOUT, prefix=NAME)
 
 plan = LAYOUT.plan
