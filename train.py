@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     a("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
-      help="continue a run from its resumable state (default PATH: <save_path>/last.pth)")
+      help="continue a run from its resumable state (default PATH: <save_path>/last.pth); "
+           "settings that change what is computed must be the saved ones")
+    a("--overwrite", action="store_true",
+      help="replace the run already in --save_path (its checkpoints and log are deleted "
+           "first); without it such a folder is refused")
     a("--val_dataset", default=None,
       help=f"validation dataset. Default, the official cross-dataset choice ({official}); "
            "it selects on target-domain data. Leakage-free alternative: --val_dataset equal to "

@@ -23,11 +23,10 @@ import importlib.util
 import logging
 import os
 import shutil
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 if __package__ in (None, "") and importlib.util.find_spec("dataset") is None:   # a bare file
     sys.exit(f"{Path(__file__).stem}: the package 'dataset' cannot be imported: run 'python -m "
@@ -36,6 +35,7 @@ if __package__ in (None, "") and importlib.util.find_spec("dataset") is None:   
 from dataset.errors import DatasetError
 from dataset.converters import CONVERTERS, execute
 from dataset.files import find_dir
+from dataset.locks import folder_lock
 
 DEFAULT_DST = Path("dataset") / "mvisa" / "data"
 Counts = Dict[str, Dict[str, int]]
@@ -67,72 +67,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _lock_owner(path: Path) -> Optional[Tuple[Optional[int], str]]:
-    """(pid, host) written in the lock file `path`, None when there is no lock file; the pid is
-    None when the file holds none (a lock being created, or a damaged one)."""
-    try:
-        words = path.read_text(encoding="utf-8", errors="replace").split()
-    except FileNotFoundError:
-        return None
-    pid = int(words[0]) if words and words[0].isdigit() else None
-    return pid, (words[1] if len(words) > 1 else "")
-
-
-def _is_running(pid: int) -> bool:
-    """Whether process `pid` of this machine runs. This very process counts as not running:
-    its own lock is released on exit, so such a lock was left under a pid reused since."""
-    if pid == os.getpid():
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would signal the process there; assume it runs
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:      # e.g. PermissionError: it runs under another user
-        return True
-    return True
-
-
-def _take_over_stale_lock(path: Path, out: Path, host: str) -> None:
-    """Remove the lock file `path` if the process that wrote it no longer runs; otherwise raise
-    the one-line DatasetError saying who writes `out`."""
-    owner = _lock_owner(path)
-    if owner is None:          # released meanwhile
-        return
-    pid, owner_host = owner
-    if pid is None or owner_host != host or _is_running(pid):
-        who = "another process" if pid is None else f"process {pid}"
-        if pid is not None and owner_host != host:
-            who += f" on {owner_host or 'another machine'}"
-        raise DatasetError(f"Output folder {out} is being written by another make_dataset "
-                           f"({who}, lock file {path}): wait for it to finish, or delete the "
-                           f"lock file if no conversion is running.")
-    if _lock_owner(path) == owner:   # unchanged: no other run took it over meanwhile
-        path.unlink(missing_ok=True)
-        LOG.warning("Took over the lock %s of process %d, which no longer runs.", path, pid)
-
-
 @contextmanager
 def output_lock(dst: Path, name: str) -> Iterator[Path]:
-    """Hold `<dst>/.<name>.lock` (created exclusively, holding "<pid> <host>") for the body."""
-    path, out, host = dst / f".{name}.lock", dst / name, socket.gethostname()
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _take_over_stale_lock(path, out, host)
-            continue
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(f"{os.getpid()} {host}\n")
-            yield path
-        finally:
-            if _lock_owner(path) in ((os.getpid(), host), (None, "")):
-                path.unlink(missing_ok=True)
-        return
-    raise DatasetError(f"Cannot take the lock {path}: other conversions of {name} keep taking "
-                       f"it; run one conversion at a time.")
+    """Hold `<dst>/.<name>.lock` for the body (see `dataset.locks.folder_lock`)."""
+    with folder_lock(dst / f".{name}.lock",
+                     f"Output folder {dst / name} is being written by another make_dataset",
+                     "no conversion is running", DatasetError) as path:
+        yield path
 
 
 def recover(dst: Path, name: str) -> None:

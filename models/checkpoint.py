@@ -74,6 +74,11 @@ def open_checkpoint(path: str) -> Checkpoint:
                                                      for v in sd.values()):
         raise WeightsError(f"'{path}' is not a Bayes-PFL checkpoint (expected "
                            "{'MyModel': state_dict})")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"'{path}' holds non-finite values (NaN or inf) in {len(bad)} of "
+                           f"{len(sd)} tensors (e.g. {bad[0]}): the training that wrote it "
+                           f"diverged; use a checkpoint of an earlier epoch")
     spec = None
     if isinstance(record.get("model_spec"), dict):
         spec = ModelSpec.from_dict(record["model_spec"])

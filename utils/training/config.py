@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     stop_after: int | None = None
     verify_weights: bool = True
+    overwrite: bool = False                # replace a run already in save_path
     # Opt-in options for small runs (off by default: the official behaviour).
     cache_features: bool = False
     cache_size: int | None = None

@@ -49,8 +49,19 @@ def cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def read_resume_state(path: str) -> dict:
-    """The contents of a ``last.pth`` written by :class:`Trainer`."""
+# Settings a resumed run may change: where things are and how the work is run, never what is
+# computed (the model, the data, the schedule, the selection).
+RESUMABLE_CHANGES = frozenset({
+    "resume", "stop_after", "device", "device_id", "num_workers", "print_freq", "tf32",
+    "save_path", "train_data_path", "val_data_path", "pretrained_path", "val_batch_size",
+    "verify_weights", "overwrite"})
+
+
+def read_resume_state(path: str, config=None) -> dict:
+    """The contents of a ``last.pth`` written by the trainer. With ``config`` (a TrainConfig),
+    settings that would change what the run computes (the geometry, the data, --epochs and so
+    the learning-rate schedule, the learning rates, the seed, ...) must equal the saved ones:
+    a difference is one error naming each setting."""
     if not os.path.isfile(path):
         raise TrainingError(f"resume checkpoint {path} not found; train without --resume first "
                             f"or give the path of an existing last.pth")
@@ -66,6 +77,14 @@ def read_resume_state(path: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise TrainingError(f"{path} is not a resumable training state (an official-format "
                             f"checkpoint cannot be resumed); give the run's last.pth")
+    if config is not None:
+        saved = state["config"]
+        differ = [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
+                  if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
+        if differ:
+            raise TrainingError(f"{path} was trained with other settings ({'; '.join(differ)}): "
+                                f"resume with the saved ones (the run continues exactly), or "
+                                f"start a new run with --overwrite or another --save_path")
     return state
 
 

@@ -20,7 +20,8 @@ from models.checkpoint import atomic_save, save_checkpoint
 from utils import distributed as dist_utils
 from utils.misc import resolve_device, set_seed
 
-from .config import LOSS_KEYS, SHOWN_LOSSES, TrainConfig, model_spec
+from .config import LOSS_KEYS, SHOWN_LOSSES, TrainConfig, TrainingError, model_spec
+from .folder import claimed_on_main
 from .optim import group_learning_rates, make_optimizer, make_scheduler, set_trainable
 from .plan import build_feature_cache, plan_data
 from .progress import RunLog, RunningLosses, progress_bar
@@ -85,6 +86,8 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
+        # read first, so that a bad file or other settings are reported before any work
+        self._resume_state = read_resume_state(cfg.resume, cfg) if cfg.resume else None
         self.plan = plan_data(cfg)
         train_ds = AnomalyDataset(self.plan.train_root, self.plan.train_dataset, mode="train",
                                   image_size=cfg.image_size, class_names=self.plan.train_classes,
@@ -136,8 +139,6 @@ class Trainer:
         self.checkpoints: list[str] = []
         self.best_path: str | None = None
         self._enter_stage(1)
-        # read now, so that a bad file is reported before training starts; applied by run()
-        self._resume_state = read_resume_state(cfg.resume) if cfg.resume else None
 
     def _enter_stage(self, stage: int) -> None:
         """Trainable parameters, optimiser, schedule (stage 1 only) and DDP wrapper of a stage."""
@@ -153,13 +154,6 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.step_module, device_ids=ids)
 
     def _resume(self, path: str, state: dict) -> None:
-        saved = state["config"]
-        differs = {k: (saved.get(k), v) for k, v in self.config.to_dict().items()
-                   if k not in ("resume", "stop_after", "device", "device_id", "num_workers",
-                                "print_freq", "tf32") and saved.get(k) != v}
-        if differs:
-            self.info("resuming with settings that differ from the saved run (saved -> now): "
-                      + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items()))
         self.controller.load_state_dict(state["controller"])
         self.model.load_state_dict(state["model"])
         if self.controller.stage != 1:
@@ -172,8 +166,11 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
-        self.checkpoints = list(state["checkpoints"])
-        self.best_path = state.get("best_path")
+        # the run's files where the run now is (a copied or moved folder reports its own)
+        here = self.config.save_path
+        self.checkpoints = [os.path.join(here, os.path.basename(p)) for p in state["checkpoints"]]
+        self.best_path = (os.path.join(here, os.path.basename(state["best_path"]))
+                          if state.get("best_path") else None)
         set_rng_state(state["rng"])
         self.info(f"resumed from {path}: epoch {self.epoch} done, stage {self.controller.stage}, "
                   f"step {self.global_step}")
@@ -198,6 +195,7 @@ class Trainer:
         self.model.train()
         forward = self.ddp if self.ddp is not None else self.step_module
         sums = {k: torch.zeros((), device=device) for k in LOSS_KEYS}
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)   # step, no host sync
         count = 0
         bar = progress_bar(self.progress if self.main else None, self.loader,
                         f"epoch {epoch}/{cfg.epochs} stage {stage}", total=self.steps_per_epoch)
@@ -218,21 +216,37 @@ class Trainer:
             count += 1
             for k, v in losses.items():
                 sums[k] += v
+            bad = ~torch.isfinite(losses["loss"])
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
             if cfg.print_freq and (step + 1) % cfg.print_freq == 0 and display is not None:
                 display.update({k: v for k, v in sums.items() if k in losses and k in SHOWN_LOSSES},
                                count)
         if hasattr(bar, "close"):
             bar.close()
         keys = [k for k in LOSS_KEYS if stage == 1 or k in ("loss", "loss_ce")]
-        totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=device)])
+        totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=device),
+                                                        (first_bad >= 0).float()])
         totals = dist_utils.all_reduce_sum(totals).tolist()
-        return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+        if totals[-1]:
+            self._diverged(epoch, int(first_bad))
+        return {k: totals[i] / totals[-2] for i, k in enumerate(keys)}
+
+    def _diverged(self, epoch: int, step: int) -> None:
+        """Stop: the loss was not finite (``step`` -1: on another process)."""
+        where = f"step {step + 1} of {self.steps_per_epoch}" if step >= 0 else "another process"
+        kept = (f"{os.path.join(self.config.save_path, 'last.pth')} still holds epoch "
+                f"{self.epoch}" if self.epoch else "no epoch was completed")
+        raise TrainingError(f"the training loss is not finite in epoch {epoch} ({where}): the "
+                            f"training diverged; {kept}. Lower the learning rates "
+                            f"(--learning_rate_linear, --learning_rate_prompt, "
+                            f"--learning_rate_PFL, --temperature_lr)")
 
     def validate(self, epoch: int) -> ValidationResult:
         """Validation of the current parameters (rank 0 only)."""
         return validate(self.clip, self.model, self.val_loader, self.config,
                         self.controller.stage,
-                        derive_seed(self.config.seed, epoch, 0, SEED_VALIDATION), self.progress)
+                        derive_seed(self.config.seed, epoch, 0, SEED_VALIDATION), self.progress,
+                        epoch)
 
     def _save_last(self, finished: bool) -> str:
         path = os.path.join(self.config.save_path, "last.pth")
@@ -264,22 +278,28 @@ class Trainer:
         cfg = self.config
         try:
             self.setup()            # data, weights, model: problems surface before any output
-            self.log.open(self.config.save_path)
-            self.info("arguments: " + json.dumps(cfg.to_dict(), sort_keys=True))
-            self.info(f"training {self.plan.train_dataset} classes "
-                      f"{self.plan.train_classes or 'all'}; validating on {self.plan.val_dataset} "
-                      f"{self.plan.val_classes or 'all'}"
-                      + (" (held out of training)" if self.plan.held_out else "")
-                      + f"; {self.dist.world_size} process(es) x batch {cfg.batch_size}, "
-                      f"{self.steps_per_epoch} steps per epoch, device {self.device}")
-            if self._resume_state is not None:
-                self._resume(cfg.resume, self._resume_state)
-                self._resume_state = None
-            return self._loop()
+            with claimed_on_main(self.main, cfg.save_path, cfg.resume is not None,
+                                 cfg.overwrite):
+                return self._start()
         finally:
             if hasattr(self, "model"):
                 set_trainable(self.model, None)
             self.log.close()
+
+    def _start(self) -> TrainResult:
+        cfg = self.config
+        self.log.open(cfg.save_path)
+        self.info("arguments: " + json.dumps(cfg.to_dict(), sort_keys=True))
+        self.info(f"training {self.plan.train_dataset} classes "
+                  f"{self.plan.train_classes or 'all'}; validating on {self.plan.val_dataset} "
+                  f"{self.plan.val_classes or 'all'}"
+                  + (" (held out of training)" if self.plan.held_out else "")
+                  + f"; {self.dist.world_size} process(es) x batch {cfg.batch_size}, "
+                  f"{self.steps_per_epoch} steps per epoch, device {self.device}")
+        if self._resume_state is not None:
+            self._resume(cfg.resume, self._resume_state)
+            self._resume_state = None
+        return self._loop()
 
     def _loop(self) -> TrainResult:
         cfg = self.config
@@ -304,9 +324,17 @@ class Trainer:
         return self._result()
 
     def validate_epoch(self, epoch: int) -> ValidationResult:
-        """Validation on rank 0, shared with every rank."""
-        result = self.validate(epoch) if self.main else None
-        return dist_utils.broadcast_object(result)
+        """Validation on rank 0, shared with every rank (a diverged run stops on every rank)."""
+        result = None
+        if self.main:
+            try:
+                result = self.validate(epoch)
+            except TrainingError as error:
+                result = error
+        result = dist_utils.broadcast_object(result)
+        if isinstance(result, TrainingError):
+            raise result
+        return result
 
     def _record(self, epoch: int, stage: int, losses: dict, result: ValidationResult,
                 decision: Decision) -> dict:

@@ -13,7 +13,7 @@ from models import AnomalyDetector, BayesPFL
 from utils.evaluate import iterate_classes
 from utils.metrics import average_precision
 
-from .config import TrainConfig
+from .config import TrainConfig, TrainingError
 
 
 # Validation
@@ -34,10 +34,11 @@ def _mean(values: list[float]) -> float:
 
 @torch.no_grad()
 def validate(clip, model: BayesPFL, loader: Iterable[dict], config: TrainConfig, stage: int,
-             seed: int, progress: Callable | None = None) -> ValidationResult:
+             seed: int, progress: Callable | None = None, epoch: int = 0) -> ValidationResult:
     """Per class: AP of the raw maps over all pixels and AP of the text scores; then the mean
     over classes. Fresh image-agnostic samples, drawn from ``seed`` in a forked RNG (the
-    caller's RNG state is untouched); the batch size does not change the samples."""
+    caller's RNG state is untouched); the batch size does not change the samples. Non-finite
+    maps or scores (a diverged training) raise a TrainingError naming ``epoch``."""
     device = next(model.parameters()).device
     detector = AnomalyDetector(clip, model, config.image_size, config.sample_num, stage,
                                config.features_list, precision=config.precision)
@@ -49,6 +50,10 @@ def validate(clip, model: BayesPFL, loader: Iterable[dict], config: TrainConfig,
         torch.manual_seed(seed)
         for out in iterate_classes(detector, loader, progress=progress is not None,
                                    desc="validation", leave=False):
+            if not (np.isfinite(out.maps).all() and np.isfinite(out.text_scores).all()):
+                raise TrainingError(f"validation after epoch {epoch} gives non-finite anomaly "
+                                    f"maps or scores for class {out.name}: the training "
+                                    f"diverged; lower the learning rates")
             pixel = image = None
             if out.masks.any() and not out.masks.all():
                 pixel = average_precision(out.masks, out.maps)

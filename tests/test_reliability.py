@@ -1,0 +1,184 @@
+"""No silent failure, no lost run: divergence, run folders, outputs, bad input on every entry
+point. Tiny random weights and synthetic data; the scripts run as a user runs them."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dataset.synthetic import write_standard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth"))
+    write_standard(root, name="synth", size=32, classes=["wood", "pill", "mesh"], n_train=0,
+                   n_test_good=2, n_test_anomaly=2)
+    return root
+
+
+def run(args, cwd=ROOT, **kwargs):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def one_line(proc) -> str:
+    """The one error line of a failed script run (no traceback)."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines()
+             if not line.startswith(("usage:", " ")) and "%|" not in line]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def train_args(synth, clip_path, save, *extra):
+    return ["train.py", "--dataset", "synth", "--train_data_path", synth, "--val_data_path",
+            synth, "--val_dataset", "synth", "--val_classes", "pill", "--pretrained_path",
+            clip_path, "--features_list", "1", "2", "3", "4", "--image_size", "32",
+            "--batch_size", "4", "--val_batch_size", "4", "--sample_num", "2", "--num_workers",
+            "0", "--device", "cpu", "--save_path", save, *extra]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. divergence never looks like success
+
+
+def test_divergence_stops_training_with_one_line(synth, tiny_files, tmp_path):
+    save = tmp_path / "run"
+    proc = run(train_args(synth, tiny_files[0], save, "--epochs", "3",
+                          "--learning_rate_linear", "1e3", "--learning_rate_prompt", "1e3",
+                          "--learning_rate_PFL", "1e3", "--temperature_lr", "1e3"))
+    line = one_line(proc)
+    assert proc.returncode == 2 and "not finite" in line and "epoch" in line
+    assert "diverged" in line and "step" in line or "validation" in line
+    # whatever was written before holds finite numbers only
+    for path in glob.glob(str(save / "*.pth")):
+        state = torch.load(path, weights_only=True)
+        tensors = state.get("MyModel") or state["model"]
+        assert all(torch.isfinite(t).all() for t in tensors.values()), path
+
+
+def test_nan_never_counts_as_an_improvement():
+    from utils.training import StageController
+
+    c = StageController(patience=3)
+    assert c.update(1, 0.2, 0.0).improved
+    assert not c.update(2, float("nan"), 0.0).improved
+    assert c.best[1] == 0.2
+
+
+def test_checkpoints_with_non_finite_values_are_refused(tiny, tiny_files, tmp_path):
+    from models import AnomalyDetector
+    from models.checkpoint import save_checkpoint
+    from models.errors import WeightsError
+
+    clip, model = tiny
+    broken = tmp_path / "best.pth"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["RCA.linear_proj.0.weight"][0, 0] = float("nan")
+    model_copy = type(model).from_clip(clip, layers=[1, 2, 3, 4])
+    model_copy.load_state_dict(state)
+    save_checkpoint(model_copy, str(broken), stage=2)
+    with pytest.raises(WeightsError, match="non-finite") as info:
+        AnomalyDetector.from_files(tiny_files[0], str(broken), device="cpu")
+    assert str(broken) in str(info.value) and "\n" not in str(info.value)
+
+    img = tmp_path / "in"
+    write_standard(str(tmp_path / "d"), name="x", size=32, classes=["pill"], n_train=0,
+                   n_test_good=1, n_test_anomaly=1)
+    img = glob.glob(str(tmp_path / "d" / "x" / "pill" / "test" / "good" / "*.bmp"))[0]
+    proc = run(["predict.py", "--pretrained_path", tiny_files[0], "--checkpoint_path", broken,
+                "--input", img, "--out", tmp_path / "pred", "--no_progress"])
+    assert "non-finite" in one_line(proc) and proc.returncode == 1
+    proc = run(["test.py", "--dataset", "x", "--data_path", tmp_path / "d", "--checkpoint_path",
+                broken, "--pretrained_path", tiny_files[0], "--save_path", tmp_path / "res",
+                "--no_progress", "--pro", "off"])
+    assert proc.returncode == 1 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. a run folder is never overwritten by accident; 11. resuming
+
+
+def config(synth, clip_path, save, **overrides):
+    from utils.training import TrainConfig
+
+    settings = dict(dataset="synth", train_data_path=synth, val_data_path=synth,
+                    val_dataset="synth", val_classes=["pill"], save_path=str(save),
+                    pretrained_path=clip_path, features_list=[1, 2, 3, 4], image_size=32,
+                    batch_size=4, val_batch_size=4, epochs=2, sample_num=2, num_workers=0,
+                    device="cpu", seed=5)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(synth, tiny_files,
+                                                                       tmp_path):
+    from utils.training import TrainingError, train
+
+    save = tmp_path / "run"
+    train(config(synth, tiny_files[0], save, epochs=1))
+    before = {p.name: p.stat().st_mtime_ns for p in save.iterdir()}
+    with pytest.raises(TrainingError, match="holds a run") as info:
+        train(config(synth, tiny_files[0], save, epochs=1))
+    assert "--resume" in str(info.value) and "--overwrite" in str(info.value)
+    assert {p.name: p.stat().st_mtime_ns for p in save.iterdir()} == before   # untouched
+
+    (save / "epoch_post_9_2.pth").write_bytes(b"an old run's later epoch")
+    (save / "last.pth.tmp4242").write_bytes(b"left by a kill")
+    train(config(synth, tiny_files[0], save, epochs=1, overwrite=True))
+    names = sorted(p.name for p in save.iterdir())
+    assert "epoch_post_9_2.pth" not in names and "last.pth.tmp4242" not in names
+    assert names == ["best.pth", "epoch_post_1_1.pth", "last.pth", "train.log"]
+    assert (save / "train.log").read_text().count("arguments:") == 1
+
+
+def test_two_trainings_never_write_one_folder(synth, tiny_files, tmp_path):
+    from utils.training import TrainingError, train
+
+    save = tmp_path / "run"
+    save.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (save / ".train.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        with pytest.raises(TrainingError, match="being written by another train.py"):
+            train(config(synth, tiny_files[0], save, epochs=1))
+        assert sorted(p.name for p in save.iterdir()) == [".train.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    train(config(synth, tiny_files[0], save, epochs=1))       # a dead holder's lock is taken
+    assert not (save / ".train.lock").exists()
+
+
+def test_resume_refuses_other_settings_and_a_copy_reports_its_own_paths(synth, tiny_files,
+                                                                        tmp_path):
+    import shutil
+
+    from utils.training import TrainingError, train
+
+    save = tmp_path / "run"
+    train(config(synth, tiny_files[0], save, epochs=3, stop_after=1))
+    last = str(save / "last.pth")
+    for change in (dict(epochs=5), dict(image_size=64), dict(features_list=[1, 2, 3])):
+        with pytest.raises(TrainingError, match="other settings") as info:
+            train(config(synth, tiny_files[0], save, **{"epochs": 3, "resume": last, **change}))
+        assert f"--{next(iter(change))}" in str(info.value)
+    copy = tmp_path / "copy"
+    shutil.copytree(save, copy)
+    result = train(config(synth, tiny_files[0], copy, epochs=3, resume=str(copy / "last.pth"),
+                          num_workers=1))
+    assert result.epochs_run == 3
+    assert all(p.startswith(str(copy)) for p in result.checkpoints + [result.best_path])
+    assert all(os.path.isfile(p) for p in result.checkpoints)
