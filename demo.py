@@ -29,12 +29,15 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from dataset.data import AnomalyDataset, make_loader
 from dataset.synthetic import write_standard
 from models import AnomalyDetector, load_clip
+from models.errors import SettingsError, UserError
 from models.random_clip import make_clip_state_dict
 from utils.evaluate import evaluate_dataset, write_results
+from utils.cli import Parser, fail
 from utils.misc import set_seed, setup_logging
 from utils.training import TrainConfig, train
 
@@ -48,7 +51,7 @@ IMAGE_SIZE = 224
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Bayes-PFL demo on synthetic data with a random "
+    p = Parser(description="Bayes-PFL demo on synthetic data with a random "
                                             "CLIP (CPU, a few minutes)")
     p.add_argument("--out", default="./demo_output", help="everything the demo writes")
     p.add_argument("--epochs", type=int, default=20)
@@ -73,18 +76,57 @@ def make_data(root: str, seed: int, n_anomalous: int) -> None:
                    seed=seed + 1, **common)
 
 
+DEMO_MARKER = ".bayes-pfl-demo"           # in --out: the folders below were written by the demo
+DEMO_FOLDERS = ("data", "train", "results")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every setting checked before any work."""
+    for name, least in (("epochs", 1), ("n_anomalous", 1), ("patience", 0)):
+        if getattr(args, name) < least:
+            raise SettingsError(f"--{name} must be at least {least}, not {getattr(args, name)}")
+
+
+def claim_output(out: str) -> None:
+    """Make ``out`` the demo's: the folders it writes (data, train, results) are replaced only
+    when an earlier demo run wrote them (its marker file is there); anything else is refused."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SettingsError(f"--out {out} is a file, not a folder: choose another --out")
+    ours = os.path.isfile(os.path.join(out, DEMO_MARKER))
+    present = [f for f in DEMO_FOLDERS if os.path.exists(os.path.join(out, f))]
+    if present and not ours:
+        raise SettingsError(f"--out {out} already holds {', '.join(present)} that the demo did not "
+                            f"write: choose another --out (the demo replaces only its own files)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, DEMO_MARKER), "w") as handle:
+            handle.write("written by demo.py: data/, train/ and results/ are replaced by the "
+                         "next demo run\n")
+    except OSError as error:
+        raise SettingsError(f"cannot write into --out {out} ({error.strerror or error}): choose "
+                            f"another --out") from None
+    for folder in present:
+        shutil.rmtree(os.path.join(out, folder))
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    start = time.time()
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        check_args(args)
+        claim_output(out)
+        return run(args, out)
+    except UserError as error:
+        return fail(str(error), 2)
+
+
+def run(args: argparse.Namespace, out: str) -> int:
+    start = time.time()
     logger = setup_logging(os.path.join(out, "demo.log"))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     set_seed(args.seed)
 
     data = os.path.join(out, "data")
-    if os.path.isdir(data):
-        shutil.rmtree(data)
     logger.info("1/4 synthetic data: train %s | select %s | unseen %s", TRAIN_CLASSES,
                 VAL_CLASSES, UNSEEN_CLASSES)
     make_data(data, args.seed, args.n_anomalous)
@@ -105,8 +147,9 @@ def main(argv=None) -> int:
         features_list=LAYERS, image_size=IMAGE_SIZE, batch_size=8, epochs=args.epochs,
         sample_num=3, seed=args.seed, device=args.device, num_workers=0, print_freq=5,
         cache_features=True, lr_overrides={"rest": 1e-2}, val_batch_size=8,
-        patience=args.patience)
-    result = train(config, progress=None if args.quiet else _tqdm())
+        patience=args.patience, save_freq=args.epochs + 1)      # no per-epoch checkpoints
+    result = train(config, progress=None if args.quiet else tqdm)
+    os.remove(os.path.join(out, "train", "last.pth"))        # kept: best.pth and train.log
     logger.info("training: %d epochs, stage switch after epoch %s, best validation pixel AP "
                 "%s, image AP %s", result.epochs_run, result.switch_epoch,
                 _fmt(result.best_pixel_ap), _fmt(result.best_image_ap))
@@ -135,11 +178,6 @@ def main(argv=None) -> int:
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def _tqdm():
-    from tqdm import tqdm
-    return tqdm
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from tabulate import tabulate
 
 from models import AnomalyDetector
 from models.errors import UserError
-from utils.cli import add_model_arguments, add_runtime_arguments, fail, model_request
+from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail, finite_float,
+                       model_request, positive_int)
 from utils.inference import InputError, find_inputs, predict_folder
 from utils.misc import resolve_device, set_seed
 
@@ -79,11 +80,15 @@ def run(args) -> dict:
                  "--class_name to use one class name for both")
     detector = load_detector(args)
     set_seed(args.seed)
-    return predict_folder(detector, inputs, args.out, threshold=args.threshold,
-                          calibrate=args.calibrate, percentile=args.percentile,
-                          batch_size=args.batch_size, seed=args.seed,
-                          overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
-                          progress=not args.no_progress, settings=dict(vars(args)))
+    result = predict_folder(detector, inputs, args.out, threshold=args.threshold,
+                            calibrate=args.calibrate, percentile=args.percentile,
+                            batch_size=args.batch_size, seed=args.seed,
+                            overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
+                            progress=not args.no_progress, settings=dict(vars(args)))
+    if not result["predictions"]:
+        raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
+                         f"in {result['files']['csv']}): check the files")
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ def run(args) -> dict:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Bayes-PFL zero-shot anomaly scores and heat maps for your own images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
@@ -107,13 +112,13 @@ def get_parser() -> argparse.ArgumentParser:
                         "of each image's folder")
     p.add_argument("--out", default="./predictions", help="output folder")
     add_model_arguments(p, from_checkpoint=True)
-    p.add_argument("--sample_num", type=int, default=10, help="Monte Carlo samples R")
+    p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")
     p.add_argument("--seed", type=int, default=111)
-    p.add_argument("--batch_size", type=int, default=8,
+    p.add_argument("--batch_size", type=positive_int, default=8,
                    help="images per forward (one class per batch)")
     add_runtime_arguments(p)
     limit = p.add_mutually_exclusive_group()
-    limit.add_argument("--threshold", type=float, default=None,
+    limit.add_argument("--threshold", type=finite_float, default=None,
                        help="images scoring >= this are 'anomalous'")
     limit.add_argument("--calibrate", metavar="NORMAL_DIR", default=None,
                        help="images known to be good: the threshold is --percentile of their "
@@ -134,8 +139,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.percentile <= 100.0:
         parser.error(f"--percentile must be within 0..100, not {args.percentile:g}")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
     try:
         result = run(args)
     except InputError as e:

@@ -20,13 +20,15 @@ from dataset.data import AnomalyDataset, make_loader
 from dataset.registry import dataset_info
 from models import AnomalyDetector
 from models.errors import UserError
-from utils.cli import add_model_arguments, add_runtime_arguments, model_request
-from utils.evaluate import evaluate_dataset, write_results
+from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, default_workers,
+                       model_request, positive_int)
+from utils.evaluate import evaluate_dataset
+from utils.results import make_output_folder, write_results
 from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Bayes-PFL zero-shot evaluation",
+    p = Parser(description="Bayes-PFL zero-shot evaluation",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # official flags
     p.add_argument("--dataset", default="mvtec", help="dataset name: meta_<dataset>.json "
@@ -40,7 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
                    help="OpenAI CLIP weights")
     add_model_arguments(p, from_checkpoint=True)
-    p.add_argument("--sample_num", type=int, default=10, help="Monte Carlo samples R")
+    p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")
     p.add_argument("--seed", type=int, default=111, help="the official test.sh uses 333")
     # accepted for compatibility with the official scripts
     p.add_argument("--config_path", default=None, help="accepted, unused")
@@ -49,9 +51,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="accepted, unused")
     # added
     add_runtime_arguments(p)
-    p.add_argument("--batch_size", type=int, default=1,
+    p.add_argument("--batch_size", type=positive_int, default=1,
                    help="images per forward; results do not depend on it")
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--num_workers", type=int, default=default_workers(),
+                   help="DataLoader workers (default: 4 at most, never more than the CPUs)")
     p.add_argument("--no_vis", action="store_true", help="skip the pictures")
     p.add_argument("--pro", default="exact", choices=["exact", "official", "off"],
                    help="pixel AUPRO: exact, the official 200-threshold approximation, or off")
@@ -62,13 +65,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    os.makedirs(args.save_path, exist_ok=True)
-    logger = setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"))
-    logger.info("arguments: %s", vars(args))
+    logger = setup_logging(None)          # the console only, until every input is checked
     try:
         device = resolve_device(args.device, args.device_id)
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        set_seed(args.seed)
         detector = AnomalyDetector.from_files(
             args.pretrained_path, args.checkpoint_path, device=device,
             sample_num=args.sample_num, precision=args.precision, verify=not args.no_verify,
@@ -76,25 +76,33 @@ def main(argv=None) -> int:
         dataset = AnomalyDataset(args.data_path, args.dataset, mode="test",
                                  image_size=detector.image_size, class_names=args.classes)
         detector.model.wording = dict(dataset_info(args.dataset).wording)
+        make_output_folder(args.save_path)
     except UserError as e:
         logger.error("%s", e)
         return 1
+    logger = setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"))
+    logger.info("arguments: %s", vars(args))
     logger.info("checkpoint %s (stage %d), %d test images, device %s, precision %s",
                 args.checkpoint_path, detector.stage, len(dataset), device, args.precision)
     set_seed(args.seed)
     loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False,
                          num_workers=args.num_workers, seed=args.seed)
     vis_dir = None if args.no_vis else os.path.join(args.save_path, "imgs")
+    settings = {**vars(args), "stage": detector.stage, "model_spec": detector.spec.to_dict()}
+    rows: dict[str, dict] = {}
+
+    def save(name: str, row: dict) -> None:       # each class's results before its pictures
+        rows[name] = row
+        write_results(rows, args.save_path, args.dataset, settings)
+
     start = time.time()
     try:
-        rows = evaluate_dataset(detector, loader, args.dataset, pro=args.pro, vis_dir=vis_dir,
-                                progress=not args.no_progress, logger=logger)
+        evaluate_dataset(detector, loader, args.dataset, pro=args.pro, vis_dir=vis_dir,
+                         progress=not args.no_progress, logger=logger, on_class=save,
+                         seed=args.seed)
     except UserError as e:
         logger.error("%s", e)
         return 1
-    settings = {k: v for k, v in vars(args).items()}
-    settings["stage"] = detector.stage
-    settings["model_spec"] = detector.spec.to_dict()
     table, _ = write_results(rows, args.save_path, args.dataset, settings)
     print(table)
     log_to_files(logger, f"results of {args.dataset}:\n{table}")

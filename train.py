@@ -16,7 +16,8 @@ from tqdm import tqdm
 from dataset.registry import REGISTRY
 from models.errors import UserError
 from utils import distributed as dist_utils
-from utils.cli import add_model_arguments, add_runtime_arguments, fail
+from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail, finite_float,
+                       positive_int)
 from utils.misc import setup_logging
 from utils.training import TrainConfig, train
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     official = "; ".join(f"training on {name}: {info.validation[0]} "
                          f"{' '.join(info.validation[1])}"
                          for name, info in REGISTRY.items() if info.validation)
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Train Bayes-PFL (two stages, validated after every epoch). Writes "
                     "epoch_post_{epoch}_{stage}.pth (epochs from 1), best.pth, last.pth "
                     "(resumable) and train.log into --save_path. Several GPUs: torchrun "
@@ -61,21 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrained_path", default=d.pretrained_path, help="CLIP weights (OpenAI archive)")
     add_model_arguments(p, from_checkpoint=False)
     for flag, help_text in LEARNING_RATE_FLAGS:
-        a(flag, type=float, default=getattr(d, flag[2:]), help=help_text)
-    a("--batch_size", type=int, default=d.batch_size,
+        a(flag, type=finite_float, default=getattr(d, flag[2:]), help=help_text)
+    a("--batch_size", type=positive_int, default=d.batch_size,
       help="per process: with torchrun the effective batch is nproc_per_node x batch_size")
-    a("--epochs", type=int, default=d.epochs, help="at most this many epochs (both stages)")
-    a("--sample_num", type=int, default=d.sample_num, help="Monte Carlo samples in validation")
+    a("--epochs", type=positive_int, default=d.epochs, help="at most this many epochs (both stages)")
+    a("--sample_num", type=positive_int, default=d.sample_num, help="Monte Carlo samples in validation")
     a("--seed", type=int, default=d.seed)
     a("--print_freq", type=int, default=d.print_freq,
       help="steps between updates of the running losses on the progress bar")
-    a("--save_freq", type=int, default=d.save_freq,
+    a("--save_freq", type=positive_int, default=d.save_freq,
       help="write epoch_post_{epoch}_{stage}.pth every this many epochs")
     for flag in ("--config_path", "--model", "--pretrained", "--alpha"):
         a(flag, default=None, help=IGNORED)
     # Additions to the official flags.
     add_runtime_arguments(p)
-    a("--num_workers", type=int, default=d.num_workers, help="DataLoader workers")
+    a("--num_workers", type=int, default=d.num_workers,
+      help="DataLoader workers (default: 4 at most, never more than the CPUs); results do not "
+           "depend on it")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue a run from its resumable state (default PATH: <save_path>/last.pth); "
            "settings that change what is computed must be the saved ones")
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
            "training data and validates on them")
     a("--val_classes", nargs="+", default=None,
       help="validation classes (default: the official 5, or all classes of --val_dataset)")
-    a("--val_batch_size", type=int, default=d.val_batch_size,
+    a("--val_batch_size", type=positive_int, default=d.val_batch_size,
       help="validation batch (the Monte Carlo samples, hence the figures, do not depend on it)")
     a("--patience", type=int, default=d.patience,
       help="official counter: stage 1 switches (stage 2 stops) at the (patience + 1)-th "

@@ -14,7 +14,7 @@ from .weights import load_clip, require_clip_file
 from .errors import SettingsError
 from .noise import official_order_noise
 from .precision import autocast
-from .spec import ModelSpec, resolve_spec
+from .spec import ModelSpec, check_layers, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class AnomalyDetector:
         if len(layers) != model.num_layers:
             raise ValueError(f"{len(layers)} layers given for a Bayes-PFL module built for "
                              f"{model.num_layers}")
+        check_layers(layers, clip.geometry.vision_layers)
         if clip.image_size != image_size:
             raise ValueError(f"CLIP was loaded for {clip.image_size} px, not {image_size}: "
                              f"load_clip(..., image_size={image_size})")

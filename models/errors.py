@@ -6,7 +6,20 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad file, bad setting, bad input); one-line message."""
+    """A problem the user can fix (bad file, bad setting, bad input); one-line message.
+
+    A DataLoader worker's error reaches the main process rebuilt from its formatted traceback
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."); the
+    original one-line message is taken back from its last line, so the user sees the same
+    line with any number of workers."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            last = args[0].rstrip().splitlines()[-1]
+            name, sep, message = last.partition(": ")
+            args = (message if sep and name.split(".")[-1] == type(self).__name__ else last,)
+        super().__init__(*args)
 
 
 class WeightsError(UserError, RuntimeError):

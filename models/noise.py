@@ -7,6 +7,9 @@ takes: ``{"context": [R, B, D], "normal": [R, 1, D], "abnormal": [R, 1, D]}``.
 
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import torch
 
 KINDS = ("context", "normal", "abnormal")
@@ -47,3 +50,31 @@ def official_order_noise(sample_num: int, batch: int, dim: int,
         if normal is None:
             normal, abnormal = nrm, abn                                     # [R, 1, D]
     return {"context": torch.stack(ctx, dim=1), "normal": normal, "abnormal": abnormal}
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    state = np.random.SeedSequence([int(e) % 2**32 for e in entropy]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) | int(state[1]) << 32)
+
+
+class RunNoise:
+    """The draws of one evaluation run from its seed, image by image: the image-agnostic
+    (normal, abnormal) draws once for the run, the image-specific draws of each image from
+    (seed, class, index of the image within its class). A class's results are therefore the
+    same whatever other classes are evaluated, in any order and at any batch size."""
+
+    def __init__(self, seed: int, sample_num: int, dim: int):
+        self.seed, self.sample_num, self.dim = int(seed), sample_num, dim
+        g = _generator(self.seed, 0)
+        self.normal = torch.randn(sample_num, 1, dim, generator=g)
+        self.abnormal = torch.randn(sample_num, 1, dim, generator=g)
+
+    def image(self, class_name: str, index: int) -> torch.Tensor:
+        """The image-specific draws [R, D] of image ``index`` of ``class_name``."""
+        g = _generator(self.seed, 1, zlib.crc32(class_name.encode("utf-8")), index)
+        return torch.randn(self.sample_num, self.dim, generator=g)
+
+    def batch(self, class_names: list[str], indices: list[int]) -> dict[str, torch.Tensor]:
+        """The noise dict of a batch of images."""
+        context = torch.stack([self.image(c, i) for c, i in zip(class_names, indices)], dim=1)
+        return {"context": context, "normal": self.normal, "abnormal": self.abnormal}

@@ -99,3 +99,11 @@ def resolve_spec(requested: Mapping[str, Any], recorded: ModelSpec | None,
                                 f"{asked} was asked for: drop these settings to use the "
                                 f"recorded ones, or use a checkpoint trained with them")
     return dataclasses.replace(base, **wanted)
+
+
+def check_layers(layers, depth: int) -> None:
+    """The 1-based blocks ``layers`` exist in an image tower of ``depth`` blocks."""
+    wrong = [layer for layer in layers if not 1 <= layer <= depth]
+    if wrong:
+        raise SettingsError(f"--features_list {' '.join(map(str, wrong))} is outside the CLIP "
+                            f"image tower's blocks 1..{depth}")

@@ -182,3 +182,32 @@ def test_resume_refuses_other_settings_and_a_copy_reports_its_own_paths(synth, t
     assert result.epochs_run == 3
     assert all(p.startswith(str(copy)) for p in result.checkpoints + [result.best_path])
     assert all(os.path.isfile(p) for p in result.checkpoints)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. the demo removes only what it wrote; 10. its settings are checked before any work
+
+
+def test_demo_replaces_only_its_own_output(tmp_path, capsys):
+    import demo
+
+    foreign = tmp_path / "mine"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "precious.txt").write_text("not the demo's")
+    assert demo.main(["--out", str(foreign), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not write" in err[0] and str(foreign) in err[0]
+    assert (foreign / "data" / "precious.txt").read_text() == "not the demo's"
+
+    own = tmp_path / "demo"
+    demo.claim_output(str(own))                     # a first run marks the folder as its own
+    (own / "data").mkdir()
+    (own / "data" / "old.bmp").write_bytes(b"from the last demo run")
+    (own / "notes.txt").write_text("the user's")
+    demo.claim_output(str(own))                     # the next run replaces its folders only
+    assert not (own / "data").exists() and (own / "notes.txt").read_text() == "the user's"
+
+    for flags in (["--epochs", "0"], ["--n_anomalous", "0"], ["--patience", "-1"]):
+        assert demo.main(["--out", str(tmp_path / "never"), *flags]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()        # checked before any work

@@ -4,6 +4,7 @@ runtime settings (device, precision), and the one way a script reports a user er
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -11,6 +12,34 @@ from models.precision import PRECISIONS
 from models.spec import ACTIVATIONS, ModelSpec
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors ("prog: error: ... (see --help)"), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def default_workers(most: int = 4) -> int:
+    """DataLoader workers by default: ``most``, never more than the CPUs of this machine."""
+    return max(0, min(most, (os.cpu_count() or 1)))
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (argparse type): "nan" and "inf" are refused."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:

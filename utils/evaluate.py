@@ -3,8 +3,6 @@ pictures and result files. ``test.py`` and the demo call this."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import queue
@@ -17,9 +15,13 @@ import torch
 from tqdm import tqdm
 
 from dataset.registry import is_classification_only
-from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth, summarise
+from models.noise import RunNoise
+from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
+from utils.results import OutputError, write_results
 from utils.visualize import four_panel, read_rgb, save_rgb
 
+__all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "iterate_classes",
+           "write_results"]
 
 
 @dataclass
@@ -35,9 +37,17 @@ class ClassOutputs:
 
 
 def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
-                    leave: bool = True) -> Iterator[ClassOutputs]:
+                    leave: bool = True, seed: int | None = None) -> Iterator[ClassOutputs]:
     """Run the detector over a loader whose samples come class after class (as
-    ``AnomalyDataset`` orders them) and yield each class's outputs once it is complete."""
+    ``AnomalyDataset`` orders them) and yield each class's outputs once it is complete.
+
+    ``seed``: the prompt samples come from it image by image (``models.noise.RunNoise``), so
+    that a class's outputs do not depend on the other classes or the batch size; None: the
+    detector draws from the torch RNG."""
+    run_noise = None
+    if seed is not None:
+        run_noise = RunNoise(seed, detector.sample_num, detector.model.prompt_context.shape[-1])
+    seen: dict[str, int] = {}                       # images of each class so far
     current: dict | None = None
     bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress,
                dynamic_ncols=True, leave=leave)
@@ -50,7 +60,14 @@ def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
 
     for batch in loader:
         names = batch["cls_name"]
-        out = detector.predict(batch["image"], names)
+        noise = None
+        if run_noise is not None:
+            indices = []
+            for name in names:
+                indices.append(seen.get(name, 0))
+                seen[name] = indices[-1] + 1
+            noise = run_noise.batch(list(names), indices)
+        out = detector.predict(batch["image"], names, noise)
         # the one device -> host copy of the batch
         scores = out["image_score"].float().cpu().numpy()
         maps = out["anomaly_map"].float().cpu().numpy()
@@ -108,6 +125,10 @@ class PictureWriter:
                     stem = os.path.splitext(os.path.basename(path))[0]
                     save_rgb(os.path.join(self.out_dir, outputs.name, outputs.species[i],
                                           stem + ".png"), panel)
+            except OSError as e:
+                self._error = OutputError(f"cannot write the pictures under {self.out_dir} "
+                                          f"({e.strerror or e}): free some space or pass "
+                                          f"--no_vis")
             except BaseException as e:  # noqa: BLE001 - reported by close()
                 self._error = e
 
@@ -121,12 +142,15 @@ class PictureWriter:
 def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
                      vis_dir: str | None = None, progress: bool = True,
                      logger: logging.Logger | None = None,
-                     on_class: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
-    """Per-class metrics of one dataset (SPEC §7). Pictures go to ``vis_dir`` when given."""
+                     on_class: Callable[[str, dict], None] | None = None,
+                     seed: int | None = None) -> dict[str, dict]:
+    """Per-class metrics of one dataset (SPEC §7). Pictures go to ``vis_dir`` when given,
+    each class's after ``on_class`` got its metrics (test.py writes the result files there, so
+    that no failure while writing pictures loses them). ``seed``: see :func:`iterate_classes`."""
     rows: dict[str, dict] = {}
     writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
     try:
-        for outputs in iterate_classes(detector, loader, progress):
+        for outputs in iterate_classes(detector, loader, progress, seed=seed):
             metrics = evaluate_class(
                 outputs.labels, None if is_classification_only(dataset_name) else outputs.masks,
                 outputs.text_scores, outputs.maps, outputs.name, dataset_name, pro=pro)
@@ -150,20 +174,3 @@ def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
         if writer:
             writer.close()
     return rows
-
-
-def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
-                  settings: dict | None = None) -> tuple[str, dict]:
-    """Table (returned), ``results_<dataset>.csv`` and ``results_<dataset>.json``."""
-    table, mean_row = summarise(rows)
-    os.makedirs(save_path, exist_ok=True)
-    with open(os.path.join(save_path, f"results_{dataset_name}.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", *COLUMNS])
-        for name, row in list(rows.items()) + [("mean", mean_row)]:
-            w.writerow([name] + ["" if row.get(k) is None else f"{row[k]:.6f}" for k in COLUMNS])
-    with open(os.path.join(save_path, f"results_{dataset_name}.json"), "w") as f:
-        json.dump({"dataset": dataset_name, "classes": rows, "mean": mean_row,
-                   "settings": settings or {}}, f, indent=2)
-        f.write("\n")
-    return table, mean_row

@@ -205,10 +205,11 @@ class Inputs:
 
 def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str | None = None,
                 calibrate: str | None = None) -> Inputs:
-    """The images named by ``inputs`` (files, folders, glob patterns; the output folder
-    ``out`` left out), grouped class by class; ``class_name`` None: each image's folder name.
-    Raises InputError when nothing is found (in the inputs or the calibration folder)."""
-    exclude = [out] if out else []
+    """The images named by ``inputs`` (files, folders, glob patterns; the overlays written
+    under ``out`` left out, so that ``out`` may lie inside an input folder), grouped class by
+    class; ``class_name`` None: each image's folder name. Raises InputError when nothing is
+    found (in the inputs or the calibration folder)."""
+    exclude = [os.path.join(out, "overlays")] if out else []
     unmatched: list[str] = []
     items = group_by_class(collect_images(inputs, class_name, exclude,
                                           on_unmatched=unmatched.append))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import UserError
-from models.spec import ModelSpec
+from utils.cli import default_workers
+from models.spec import ModelSpec, check_layers
 
 ADAM_BETAS = (0.5, 0.999)
 STAGE2_MODULES = ("class_mapping", "image_mapping", "fuse")
@@ -53,7 +55,7 @@ class TrainConfig:
     save_freq: int = 1
     device: str = "auto"
     device_id: int | None = None
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_workers)   # 4, at most the CPUs
     precision: str = "fp32"
     tf32: bool = False                     # allow TF32 matmuls on CUDA
     activation: str = "gelu"
@@ -86,6 +88,16 @@ class TrainConfig:
                 raise TrainingError(f"{name} must be at least 1, not {getattr(self, name)}")
         if int(self.patience) < 0:
             raise TrainingError(f"patience must be at least 0, not {self.patience}")
+        if int(self.num_workers) < 0:
+            raise TrainingError(f"num_workers must be at least 0, not {self.num_workers}")
+        rates = {"learning_rate_PFL": self.learning_rate_PFL,
+                 "learning_rate_prompt": self.learning_rate_prompt,
+                 "learning_rate_linear": self.learning_rate_linear,
+                 "temperature_lr": self.temperature_lr, **(self.lr_overrides or {})}
+        for name, value in rates.items():
+            if not math.isfinite(float(value)) or float(value) < 0:
+                raise TrainingError(f"the learning rate {name} must be a finite number of at "
+                                    f"least 0, not {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +105,7 @@ class TrainConfig:
 
 def model_spec(config: TrainConfig, clip) -> ModelSpec:
     """The settings of the model a run trains (recorded in its checkpoints)."""
+    check_layers(config.features_list, clip.geometry.vision_layers)
     return ModelSpec(prompt_num=config.prompt_num, prompt_context_len=config.prompt_context_len,
                      prompt_state_len=config.prompt_state_len, num_flows=config.num_flows,
                      layers=tuple(config.features_list), image_size=config.image_size,
