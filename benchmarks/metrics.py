@@ -13,7 +13,6 @@ arg-sorts every pixel, and pixel AUROC / AP against scikit-learn.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 from tabulate import tabulate
 
+from utils.cli import Parser, positive_int
 from utils.metrics import (
     aupro,
     aupro_official,
@@ -133,11 +133,11 @@ def timed(fn, *args, repeat: int = 1):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=150, help="number of maps")
-    parser.add_argument("--size", type=int, default=518, help="map side in pixels")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=positive_int, default=150, help="number of maps")
+    parser.add_argument("--size", type=positive_int, default=518, help="map side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=positive_int, default=3,
                         help="calls of each fast function (best time kept); slow ones run once")
     parser.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn timings")
     parser.add_argument("--official_subset", type=int, default=None, metavar="K",

@@ -211,3 +211,197 @@ def test_demo_replaces_only_its_own_output(tmp_path, capsys):
         assert demo.main(["--out", str(tmp_path / "never"), *flags]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()        # checked before any work
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. predict.py: --out inside --input, nothing readable, a NaN threshold
+
+
+def _images(folder, names, size=24):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.randint(0, 255, (size, size, 3)).astype(np.uint8)).save(path)
+
+
+def test_predict_out_inside_input_scores_every_image(tiny_files, tmp_path):
+    import predict
+
+    import json
+
+    weights = ["--pretrained_path", tiny_files[0], "--checkpoint_path", tiny_files[1],
+               "--image_size", "32", "--features_list", "1", "2", "3", "4", "--sample_num", "1",
+               "--no_progress"]
+    for k, sub in enumerate((".", "a", "results")):
+        src = tmp_path / f"in{k}"
+        _images(src, ["x.png", "y.png", "a/1.png", "a/2.png", "b/3.png", "b/4.png", "c/5.png"])
+        out = src / sub
+        for run_number in range(2):                 # the second run skips the first's overlays
+            assert predict.main([*weights, "--input", str(src), "--out", str(out)]) == 0
+            result = json.loads((out / "predictions.json").read_text())
+            assert result["summary"]["n_images"] == 7, (out, run_number)
+            assert len(list((out / "overlays").rglob("*.png"))) == 7
+
+
+def test_predict_nothing_readable_and_nan_threshold_fail(tiny_files, tmp_path, capsys):
+    import predict
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not an image")
+    (src / "b.jpg").write_bytes(b"nor this")
+    weights = ["--pretrained_path", tiny_files[0], "--checkpoint_path", tiny_files[1],
+               "--image_size", "32", "--features_list", "1", "2", "3", "4", "--no_progress"]
+    assert predict.main([*weights, "--input", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "none of the 2 images could be read" in err[0]
+    for value in ("nan", "inf"):
+        proc = run(["predict.py", *weights, "--input", src, "--threshold", value])
+        assert proc.returncode == 2 and "finite" in one_line(proc)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. results before pictures; 12. a failing test.py writes nothing
+
+
+def test_results_are_written_before_the_pictures(tiny_files, synth, tmp_path, monkeypatch):
+    import test as test_script
+    import utils.evaluate as evaluate
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "save_rgb", disk_full)
+    out = tmp_path / "res"
+    code = test_script.main(["--dataset", "synth", "--data_path", synth, "--checkpoint_path",
+                             tiny_files[1], "--pretrained_path", tiny_files[0], "--image_size",
+                             "32", "--features_list", "1", "2", "3", "4", "--sample_num", "1",
+                             "--save_path", str(out), "--no_progress", "--num_workers", "0"])
+    assert code == 1
+    import json
+
+    saved = json.loads((out / "results_synth.json").read_text())
+    assert "mesh" in saved["classes"]                        # the first class's metrics kept
+
+
+def test_a_failing_test_py_leaves_no_file(tiny_files, synth, tmp_path):
+    proc = run([os.path.join(ROOT, "test.py"), "--dataset", "synth", "--data_path", synth,
+                "--checkpoint_path", tmp_path / "missing.pth", "--pretrained_path",
+                tiny_files[0], "--no_progress"], cwd=tmp_path)
+    assert proc.returncode == 1 and "missing.pth" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == []                # no results/, no log file
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. the worker count changes nothing; 9. a class's row does not depend on the other classes
+
+
+def test_training_does_not_depend_on_the_worker_count(synth, tiny_files, tmp_path):
+    from utils.training import train
+
+    runs = [train(config(synth, tiny_files[0], tmp_path / f"w{w}", epochs=2, num_workers=w))
+            for w in (0, 2)]
+    assert [r["losses"] for r in runs[0].history] == [r["losses"] for r in runs[1].history]
+    a, b = runs[0].model.state_dict(), runs[1].model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_class_row_does_not_depend_on_the_other_classes(tiny_files, synth, tmp_path):
+    import json
+
+    import test as test_script
+
+    def evaluate(name, *extra):
+        out = tmp_path / name
+        assert test_script.main(["--dataset", "synth", "--data_path", synth, "--checkpoint_path",
+                                 tiny_files[1], "--pretrained_path", tiny_files[0],
+                                 "--image_size", "32", "--features_list", "1", "2", "3", "4",
+                                 "--sample_num", "2", "--save_path", str(out), "--no_progress",
+                                 "--num_workers", "0", "--no_vis", "--pro", "off", *extra]) == 0
+        return json.loads((out / "results_synth.json").read_text())["classes"]
+
+    everything = evaluate("all", "--batch_size", "3")
+    alone = evaluate("wood", "--classes", "wood")
+    pair = evaluate("pair", "--classes", "wood", "pill", "--batch_size", "4")
+    assert alone["wood"] == everything["wood"] == pair["wood"]
+    assert pair["pill"] == everything["pill"]
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. one line for every bad setting
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--batch_size", "0"], "--batch_size"),
+    (["--sample_num", "0"], "--sample_num"),
+    (["--features_list", "1", "2", "3", "9"], "outside the CLIP"),
+    (["--save_path", "{file}"], "is a file"),
+    (["--save_path", "{file}/below"], "cannot write"),
+])
+def test_test_py_bad_settings_are_one_line(tiny_files, synth, tmp_path, extra, expected):
+    (tmp_path / "afile").write_text("x")
+    extra = [e.replace("{file}", str(tmp_path / "afile")) for e in extra]
+    args = ["test.py", "--dataset", "synth", "--data_path", synth, "--checkpoint_path",
+            tiny_files[1], "--pretrained_path", tiny_files[0], "--image_size", "32",
+            "--features_list", "1", "2", "3", "4", "--save_path", tmp_path / "out",
+            "--no_progress", *extra]
+    proc = run(args)
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if "ERROR" in line or "error" in line]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--image_size", "33"], "multiple of the CLIP patch"),
+    (["--num_flows", "0"], "--num_flows"),
+    (["--prompt_num", "0"], "--prompt_num"),
+    (["--learning_rate_PFL", "nan"], "finite"),
+    (["--temperature_lr", "-1"], "at least 0"),
+    (["--features_list", "1", "1", "2", "3"], "distinct"),
+    (["--features_list", "1", "2", "3", "30"], "outside the CLIP"),
+    (["--save_path", "{file}"], "is a file"),
+])
+def test_train_py_bad_settings_are_one_line(tiny_files, synth, tmp_path, extra, expected):
+    (tmp_path / "afile").write_text("x")
+    extra = [e.replace("{file}", str(tmp_path / "afile")) for e in extra]
+    proc = run(train_args(synth, tiny_files[0], tmp_path / "run", "--epochs", "1", *extra))
+    line = one_line(proc)
+    assert expected in line, proc.stderr
+
+
+def test_resume_with_another_geometry_is_one_line(synth, tiny_files, tmp_path):
+    save = tmp_path / "run"
+    assert run(train_args(synth, tiny_files[0], save, "--epochs", "1")).returncode == 0
+    proc = run(train_args(synth, tiny_files[0], save, "--epochs", "1", "--resume",
+                          "--features_list", "1", "2", "3"))
+    assert "--features_list" in one_line(proc)
+
+
+def test_metrics_benchmark_bad_n_is_one_line():
+    proc = run(["benchmarks/metrics.py", "--n", "0"])
+    assert proc.returncode == 2 and "--n" in one_line(proc)
+
+
+def test_a_corrupt_image_under_workers_is_the_same_line(tiny_files, tmp_path):
+    from PIL import Image  # noqa: F401
+
+    write_standard(str(tmp_path / "d"), name="x", size=32, classes=["pill"], n_train=0,
+                   n_test_good=2, n_test_anomaly=2)
+    bad = sorted(glob.glob(str(tmp_path / "d" / "x" / "pill" / "test" / "good" / "*.bmp")))[0]
+    with open(bad, "wb") as handle:
+        handle.write(b"broken")
+    lines = []
+    for workers in ("0", "2"):
+        proc = run(["test.py", "--dataset", "x", "--data_path", tmp_path / "d", "--checkpoint_path",
+                    tiny_files[1], "--pretrained_path", tiny_files[0], "--image_size", "32",
+                    "--features_list", "1", "2", "3", "4", "--save_path", tmp_path / "o",
+                    "--no_progress", "--num_workers", workers])
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and bad in errors[0]
+        lines.append(errors[0].split("ERROR", 1)[1])
+    assert lines[0] == lines[1]
