@@ -27,6 +27,7 @@ from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
                        model_request, positive_int)
 from utils.inference import InputError, find_inputs, predict_folder
 from utils.misc import resolve_device, set_seed
+from utils.results import make_output_folder
 
 
 def warn(message: str) -> None:
@@ -78,6 +79,7 @@ def run(args) -> dict:
             warn(f"the calibration images are of class {', '.join(sorted(calib_classes))} and "
                  f"the inputs of {', '.join(sorted(classes))} (folder names); pass "
                  "--class_name to use one class name for both")
+    make_output_folder(args.out, "--out")
     detector = load_detector(args)
     set_seed(args.seed)
     result = predict_folder(detector, inputs, args.out, threshold=args.threshold,

@@ -405,3 +405,14 @@ def test_a_corrupt_image_under_workers_is_the_same_line(tiny_files, tmp_path):
         assert len(errors) == 1 and bad in errors[0]
         lines.append(errors[0].split("ERROR", 1)[1])
     assert lines[0] == lines[1]
+
+
+def test_predict_output_folder_problems_are_one_line(tiny_files, tmp_path):
+    _images(tmp_path / "in", ["a.png"])
+    (tmp_path / "afile").write_text("x")
+    for out, expected in ((tmp_path / "afile", "is a file"),
+                          (tmp_path / "afile" / "below", "cannot write")):
+        proc = run(["predict.py", "--pretrained_path", tiny_files[0], "--checkpoint_path",
+                    tiny_files[1], "--image_size", "32", "--features_list", "1", "2", "3", "4",
+                    "--input", tmp_path / "in", "--out", out, "--no_progress"])
+        assert expected in one_line(proc)

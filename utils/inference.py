@@ -19,6 +19,7 @@ both in [0, 1]. The official per-class min-max needs a whole test set and is not
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from models.noise import shared_noise
 from utils.discovery import (ImageItem, collect_images, group_by_class, overlay_names,
                              why_no_images)
 from utils.protocol import gaussian_smooth, topk_for_class
+from utils.results import OutputError, write_text
 from utils.visualize import heat_overlay, save_rgb
 
 CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
@@ -154,26 +156,28 @@ def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray) -> None
     """The image at full size with its anomaly map blended on top, the map read as
     probabilities (0 -> blue, 1 -> red) so that overlays compare between images."""
     rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    save_rgb(path, heat_overlay(rgb, anomaly_map, vmin=0.0, vmax=1.0))
+    try:
+        save_rgb(path, heat_overlay(rgb, anomaly_map, vmin=0.0, vmax=1.0))
+    except OSError as error:
+        raise OutputError(f"cannot write the overlay {path} ({error.strerror or error}): free "
+                          f"some space, choose another --out or pass --no_overlay") from None
 
 
 def write_outputs(out: str, result: dict) -> tuple[str, str]:
     """``predictions.json`` (the whole result) and ``predictions.csv`` (the predictions, then
-    the skipped files with decision 'skipped' and the reason in 'error')."""
-    os.makedirs(out, exist_ok=True)
+    the skipped files with decision 'skipped' and the reason in 'error'), atomically."""
     json_path = os.path.join(out, "predictions.json")
     csv_path = os.path.join(out, "predictions.csv")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=2)
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in result["predictions"]:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k, "")
-                             for k in CSV_COLUMNS})
-        for row in result["skipped"]:
-            writer.writerow({"path": row["path"], "class_name": row["class_name"],
-                             "decision": "skipped", "error": row["error"]})
+    write_text(json_path, json.dumps(result, indent=2))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in result["predictions"]:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k, "") for k in CSV_COLUMNS})
+    for row in result["skipped"]:
+        writer.writerow({"path": row["path"], "class_name": row["class_name"],
+                         "decision": "skipped", "error": row["error"]})
+    write_text(csv_path, text.getvalue())
     return csv_path, json_path
 
 
