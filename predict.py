@@ -86,7 +86,8 @@ def run(args) -> dict:
                             calibrate=args.calibrate, percentile=args.percentile,
                             batch_size=args.batch_size, seed=args.seed,
                             overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
-                            progress=not args.no_progress, settings=dict(vars(args)))
+                            progress=not args.no_progress, settings=dict(vars(args)),
+                            uncertainty=args.uncertainty)
     if not result["predictions"]:
         raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
                          f"in {result['files']['csv']}): check the files")
@@ -129,6 +130,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="with --calibrate: percentile (0..100) of the good images' scores; "
                         "100 = their maximum")
     p.add_argument("--no_overlay", action="store_true", help="skip the heat-map overlays")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also the spread over the prompt samples: a score_std column and a "
+                        "second overlay per image of the per-pixel spread (under "
+                        "<out>/uncertainty, read on the scale 0..0.25)")
     p.add_argument("--ignore_exif", action="store_true",
                    help="read files as the official code does, without turning them upright by "
                         "their EXIF orientation (files without one are read the same either way)")

@@ -17,6 +17,8 @@ from .precision import autocast
 from .spec import ModelSpec, check_layers, resolve_spec
 
 log = logging.getLogger(__name__)
+# What ``predict`` returns (when computed).
+PREDICTED = ("image_score", "anomaly_map", "image_score_std", "anomaly_map_std", "score_std")
 
 
 class AnomalyDetector:
@@ -116,13 +118,20 @@ class AnomalyDetector:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | str,
-                noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                noise: dict[str, torch.Tensor] | None = None, return_std: bool = False,
+                topk: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """images [B, 3, S, S] (preprocessed) -> {"image_score": [B], "anomaly_map": [B, S, S]}
         (maps unsmoothed). ``noise``: {"context": [R, B, D], "normal": [R, 1, D],
         "abnormal": [R, 1, D]} standard-normal draws used instead of the RNG (the state
-        draws given here are used as they are and not cached)."""
-        out = self.forward(images, class_names, noise)
-        return {"image_score": out["image_score"], "anomaly_map": out["anomaly_map"]}
+        draws given here are used as they are and not cached).
+
+        ``return_std``: also the spread over the R posterior samples (ddof 0) of the
+        per-sample map (the mean over the N prompts and the layers, as the mean map is built,
+        before smoothing) and of the per-sample image score: ``anomaly_map_std`` [B, S, S],
+        ``image_score_std`` [B]. With ``topk`` (one k per image) also ``score_std`` [B], the
+        spread of the per-sample score 0.5 (image score + mean of the k largest map values)."""
+        out = self.forward(images, class_names, noise, return_std, topk)
+        return {k: v for k, v in out.items() if k in PREDICTED}
 
     # --------------------------------------------------------------------------------------
     # The stages of one forward (the benchmarks time them one by one)
@@ -166,39 +175,86 @@ class AnomalyDetector:
         image = self.model.image_logits(features, tokens, text, self.stage)
         return image, self.model.pixel_logits(tokens, text)
 
-    def score(self, image_logits: torch.Tensor, pixel_logits: list[torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean abnormal probability over the prompt pairs: image score [B] and, over layers
-        too, the upsampled map [B, S, S]. A 2-way softmax is the sigmoid of the difference and
-        bilinear upsampling is linear, so each pair's difference is upsampled once."""
-        pairs = image_logits.shape[1] // 2
-        image_score = torch.sigmoid(image_logits[:, pairs:] - image_logits[:, :pairs]).mean(1)
+    def score(self, image_logits: torch.Tensor, pixel_logits: list[torch.Tensor],
+              return_std: bool = False, topk: Sequence[int] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Mean abnormal probability over the prompt pairs: ``image_score`` [B] and, over
+        layers too, the upsampled ``anomaly_map`` [B, S, S] (see :meth:`predict` for the
+        spreads). A 2-way softmax is the sigmoid of the difference and bilinear upsampling is
+        linear, so each pair's difference is upsampled once. The maps are built sample by
+        sample (pairs are sample-major): the spread of the per-sample maps is a running
+        (Welford) sum, without holding the R per-sample maps."""
+        pairs = image_logits.shape[1] // 2                                  # N R
+        n = self.model.prompt_num
+        samples, layers = pairs // n, len(pixel_logits)
+        pair_scores = torch.sigmoid(image_logits[:, pairs:] - image_logits[:, :pairs])
+        out = {"image_score": pair_scores.mean(1)}
         b, s = image_logits.shape[0], self.image_size
-        anomaly_map = torch.zeros(b, s, s, device=image_logits.device)
-        for layer_logits in pixel_logits:                                   # [B, 2NR, G, G]
-            diff = layer_logits[:, pairs:] - layer_logits[:, :pairs]        # [B, NR, G, G]
-            for start in range(0, pairs, self.map_chunk):
-                up = F.interpolate(diff[:, start:start + self.map_chunk], size=(s, s),
-                                   mode="bilinear", align_corners=True)
-                anomaly_map += torch.sigmoid(up).sum(1)
-        anomaly_map /= pairs * len(pixel_logits)
-        return image_score, anomaly_map
+        diffs = [logits[:, pairs:] - logits[:, :pairs] for logits in pixel_logits]  # [B, NR, G, G]
+        total = torch.zeros(b, s, s, device=image_logits.device)
+        mean = m2 = fused = None
+        if return_std:
+            mean, m2 = torch.zeros_like(total), torch.zeros_like(total)
+            sample_scores = pair_scores.view(b, samples, n).mean(2)        # [B, R]
+            out["image_score_std"] = sample_scores.std(1, correction=0)
+            fused = []
+        for r in range(samples):
+            sample_map = torch.zeros_like(total)
+            for diff in diffs:
+                for start in range(r * n, (r + 1) * n, self.map_chunk):
+                    stop = min(start + self.map_chunk, (r + 1) * n)
+                    up = F.interpolate(diff[:, start:stop], size=(s, s), mode="bilinear",
+                                       align_corners=True)
+                    sample_map += torch.sigmoid(up).sum(1)
+            total += sample_map
+            if return_std:
+                sample_map /= n * layers                                     # [B, S, S]
+                delta = sample_map - mean
+                mean += delta / (r + 1)
+                m2 += delta * (sample_map - mean)
+                if topk is not None:
+                    flat = sample_map.flatten(1)
+                    top = torch.stack([flat[i].topk(min(k, flat.shape[1])).values.mean()
+                                       for i, k in enumerate(topk)])
+                    fused.append(0.5 * (sample_scores[:, r] + top))
+        out["anomaly_map"] = total / (pairs * layers)
+        if return_std:
+            out["anomaly_map_std"] = (m2 / samples).clamp(min=0).sqrt()
+            if topk is not None:
+                out["score_std"] = torch.stack(fused, 1).std(1, correction=0)
+        return out
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, class_names: Sequence[str] | str,
-                noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """``predict`` plus the intermediates: image features, layer tokens, text
-        embeddings."""
-        images = images.to(self.device, non_blocking=True)
-        b = images.shape[0]
-        if isinstance(class_names, str):
-            class_names = [class_names] * b
-        if len(class_names) != b:
-            raise ValueError(f"{len(class_names)} class names for {b} images")
-        features, tokens = self.encode_images(images)
+    def forward_features(self, features: torch.Tensor, tokens: list[torch.Tensor],
+                         class_names: Sequence[str], noise: dict[str, torch.Tensor] | None = None,
+                         return_std: bool = False, topk: Sequence[int] | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """Everything after the frozen image tower, from its outputs (global features [B, D],
+        layer tokens [B, G*G, V]): the scores, maps (and spreads) and the text embeddings. The
+        image tower's outputs do not depend on the prompt samples, so several runs (seeds)
+        over the same images can share one image-tower pass."""
         samples = self.draw_samples(features, noise)
         text = self.encode_text(samples, class_names)                       # [B, 2NR, D]
         image_logits, pixel_logits = self.head_logits(features, tokens, text)
-        image_score, anomaly_map = self.score(image_logits, pixel_logits)
-        return {"image_score": image_score, "anomaly_map": anomaly_map,
-                "global": features, "tokens": tokens, "text_embeddings": text}
+        return {**self.score(image_logits, pixel_logits, return_std, topk),
+                "text_embeddings": text}
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, class_names: Sequence[str] | str,
+                noise: dict[str, torch.Tensor] | None = None, return_std: bool = False,
+                topk: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``predict`` plus the intermediates: image features, layer tokens, text
+        embeddings."""
+        images = images.to(self.device, non_blocking=True)
+        class_names = self.class_names_of(class_names, images.shape[0])
+        features, tokens = self.encode_images(images)
+        out = self.forward_features(features, tokens, class_names, noise, return_std, topk)
+        return {**out, "global": features, "tokens": tokens}
+
+    @staticmethod
+    def class_names_of(class_names: Sequence[str] | str, batch: int) -> list[str]:
+        """One class name per image (a single name is repeated)."""
+        names = [class_names] * batch if isinstance(class_names, str) else list(class_names)
+        if len(names) != batch:
+            raise ValueError(f"{len(names)} class names for {batch} images")
+        return names

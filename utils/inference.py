@@ -43,7 +43,10 @@ from utils.results import OutputError, write_text
 from utils.visualize import heat_overlay, save_rgb
 
 CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
-               "error"]
+               "score_std", "uncertainty_overlay", "error"]
+# The spread overlays read the per-pixel std on the scale 0..STD_SCALE (a std of
+# probabilities; 0.25 is already a wide spread).
+STD_SCALE = 0.25
 SCORE_DEFINITION = ("mean of text_score (mean abnormal probability of the prompt pairs) and "
                     "map_score (mean of the top-k anomaly-map values); no per-class min-max")
 
@@ -62,15 +65,25 @@ def preprocess(image, image_size: int, exif_transpose: bool = False) -> torch.Te
     return preprocess_image(to_pil_image(image, exif_transpose), image_size)
 
 
+def _at_size(amap: torch.Tensor, image: Image.Image) -> np.ndarray:
+    """A map [S, S] resized bilinearly to the image's original size, float32 [H, W]."""
+    full = F.interpolate(amap[None, None], size=(image.height, image.width), mode="bilinear",
+                         align_corners=False)[0, 0]
+    return full.cpu().numpy()
+
+
 def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
                    batch_size: int = 8, smooth_sigma: float = 8.0, seed: int | None = None,
-                   exif_transpose: bool = True) -> list[dict]:
+                   exif_transpose: bool = True, return_std: bool = False) -> list[dict]:
     """Score images (PIL, paths or arrays) of one class (or one class name each).
 
     Returns one dict per image: ``text_score``, ``map_score`` (mean of the top-k map values,
     k = 20 or 2000 as the official protocol), ``score`` = the mean of the two, and
     ``anomaly_map`` float32 [H, W] at the image's original size (smoothed with a Gaussian of
-    ``smooth_sigma`` at S x S, then resized bilinearly).
+    ``smooth_sigma`` at S x S, then resized bilinearly). ``return_std``: also ``score_std``
+    and ``text_score_std`` (the spread of the per-sample scores over the R prompt samples)
+    and ``anomaly_map_std`` (the per-pixel spread of the per-sample maps, unsmoothed, at the
+    original size).
 
     ``seed``: when given, every image gets the same standard-normal draws, so that an image's
     result depends neither on the other images of the call nor on its position; None: draws
@@ -88,18 +101,21 @@ def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
         chunk_names = names[start:start + batch_size]
         noise = None if seed is None else shared_noise(detector.sample_num, len(chunk), dim,
                                                        seed)
-        out = detector.predict(batch, chunk_names, noise)
+        ks = [min(topk_for_class(name), detector.image_size ** 2) for name in chunk_names]
+        out = detector.predict(batch, chunk_names, noise, return_std, ks if return_std else None)
         maps = out["anomaly_map"].float()
         smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
         for i, im in enumerate(chunk):
-            k = min(topk_for_class(chunk_names[i]), maps[i].numel())
-            map_score = float(maps[i].flatten().topk(k).values.mean())
+            map_score = float(maps[i].flatten().topk(ks[i]).values.mean())
             text_score = float(out["image_score"][i])
-            full = F.interpolate(smoothed[i][None, None], size=(im.height, im.width),
-                                 mode="bilinear", align_corners=False)[0, 0]
-            results.append({"text_score": text_score, "map_score": map_score,
-                            "score": 0.5 * (text_score + map_score),
-                            "anomaly_map": full.cpu().numpy()})
+            result = {"text_score": text_score, "map_score": map_score,
+                      "score": 0.5 * (text_score + map_score),
+                      "anomaly_map": _at_size(smoothed[i], im)}
+            if return_std:
+                result.update(score_std=float(out["score_std"][i]),
+                              text_score_std=float(out["image_score_std"][i]),
+                              anomaly_map_std=_at_size(out["anomaly_map_std"][i].float(), im))
+            results.append(result)
     return results
 
 
@@ -108,7 +124,7 @@ def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
 
 
 def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
-                seed: int | None = None, exif_transpose: bool = True
+                seed: int | None = None, exif_transpose: bool = True, return_std: bool = False
                 ) -> Iterator[tuple[ImageItem, Image.Image | None, dict | str]]:
     """Score items in batches of one class each. Yields (item, image as read, result of
     ``predict_images``) for each image, or (item, None, reason) for a file that cannot be
@@ -117,7 +133,7 @@ def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
 
     def flush():
         results = predict_images(detector, [im for _, im in batch], batch[0][0].class_name,
-                                 batch_size=len(batch), seed=seed)
+                                 batch_size=len(batch), seed=seed, return_std=return_std)
         done = [(item, im, res) for (item, im), res in zip(batch, results)]
         batch.clear()
         return done
@@ -152,12 +168,14 @@ def decide(score: float, threshold: float | None) -> str | None:
     return "anomalous" if score >= threshold else "normal"
 
 
-def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray) -> None:
-    """The image at full size with its anomaly map blended on top, the map read as
-    probabilities (0 -> blue, 1 -> red) so that overlays compare between images."""
+def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray,
+                 vmax: float = 1.0) -> None:
+    """The image at full size with a map blended on top, read on the fixed scale 0..``vmax``
+    (0 -> blue) so that overlays compare between images: the anomaly map as probabilities
+    (``vmax`` 1), its spread over the samples with ``vmax`` = STD_SCALE."""
     rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     try:
-        save_rgb(path, heat_overlay(rgb, anomaly_map, vmin=0.0, vmax=1.0))
+        save_rgb(path, heat_overlay(rgb, anomaly_map, vmin=0.0, vmax=vmax))
     except OSError as error:
         raise OutputError(f"cannot write the overlay {path} ({error.strerror or error}): free "
                           f"some space, choose another --out or pass --no_overlay") from None
@@ -182,13 +200,14 @@ def write_outputs(out: str, result: dict) -> tuple[str, str]:
 
 
 def _scored(detector, items, batch_size, desc, progress, skipped, seed=None,
-            exif_transpose=True):
+            exif_transpose=True, return_std=False):
     """(item, image, result) of each readable item as it is scored, under a progress bar;
     unreadable files are reported and appended to ``skipped``. Nothing is held beyond a
     batch, so folders of any size fit in memory."""
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        for item, image, res in iter_scores(detector, items, batch_size, seed, exif_transpose):
+        for item, image, res in iter_scores(detector, items, batch_size, seed, exif_transpose,
+                                            return_std):
             bar.update(1)
             if image is None:
                 tqdm.write(f"warning: skipped: {res}", file=sys.stderr)
@@ -213,7 +232,7 @@ def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str |
     under ``out`` left out, so that ``out`` may lie inside an input folder), grouped class by
     class; ``class_name`` None: each image's folder name. Raises InputError when nothing is
     found (in the inputs or the calibration folder)."""
-    exclude = [os.path.join(out, "overlays")] if out else []
+    exclude = [os.path.join(out, folder) for folder in ("overlays", "uncertainty")] if out else []
     unmatched: list[str] = []
     items = group_by_class(collect_images(inputs, class_name, exclude,
                                           on_unmatched=unmatched.append))
@@ -236,13 +255,15 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                    calibrate: str | None = None, percentile: float = 100.0,
                    batch_size: int = 8, seed: int | None = 111, overlays: bool = True,
                    exif_transpose: bool = True, progress: bool = False,
-                   settings: dict | None = None) -> dict:
+                   settings: dict | None = None, uncertainty: bool = False) -> dict:
     """Score every image the inputs name, write ``<out>/predictions.csv`` / ``.json`` and
     (``overlays``) a heat-map overlay per image, and return what predictions.json holds.
 
     The threshold is ``threshold`` when given, else the ``percentile`` of the scores of the
     known-good images in ``calibrate`` (scored first, so that it depends only on them and the
-    seed), else none (no decisions). Unreadable files are skipped and listed."""
+    seed), else none (no decisions). Unreadable files are skipped and listed. ``uncertainty``:
+    each row also gets ``score_std`` (the spread of the score over the prompt samples) and,
+    with ``overlays``, a second overlay of the per-pixel spread under ``<out>/uncertainty``."""
     if not isinstance(inputs, Inputs):
         inputs = find_inputs(inputs, out, class_name, calibrate)
     skipped: list[dict] = []
@@ -267,15 +288,21 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
     names = dict(zip(inputs.items, overlay_names(inputs.items)))
     rows = []
     for item, image, res in _scored(detector, inputs.items, batch_size, "predict", progress,
-                                    skipped, seed, exif_transpose):
-        overlay = None
+                                    skipped, seed, exif_transpose, uncertainty):
+        overlay = spread = None
         if overlays:
             overlay = os.path.join(out, "overlays", names[item])
             save_overlay(overlay, image, res["anomaly_map"])
-        rows.append({"path": item.path, "class_name": item.class_name, "score": res["score"],
-                     "text_score": res["text_score"], "map_score": res["map_score"],
-                     "decision": decide(res["score"], chosen["value"]),
-                     "overlay": overlay, "width": image.width, "height": image.height})
+            if uncertainty:
+                spread = os.path.join(out, "uncertainty", names[item])
+                save_overlay(spread, image, res["anomaly_map_std"], vmax=STD_SCALE)
+        row = {"path": item.path, "class_name": item.class_name, "score": res["score"],
+               "text_score": res["text_score"], "map_score": res["map_score"],
+               "decision": decide(res["score"], chosen["value"]),
+               "overlay": overlay, "width": image.width, "height": image.height}
+        if uncertainty:
+            row.update(score_std=res["score_std"], uncertainty_overlay=spread)
+        rows.append(row)
     result = {
         "threshold": chosen,
         "summary": {"n_images": len(rows),
