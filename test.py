@@ -22,8 +22,9 @@ from models import AnomalyDetector
 from models.errors import UserError
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, default_workers,
                        model_request, positive_int)
-from utils.evaluate import evaluate_dataset
-from utils.results import make_output_folder, write_results
+from utils.evaluate import evaluate_runs
+from utils.provenance import class_counts, data_record, provenance
+from utils.results import make_output_folder, over_seeds, write_results
 from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
 
 
@@ -44,6 +45,10 @@ def get_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")
     p.add_argument("--seed", type=int, default=111, help="the official test.sh uses 333")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="evaluate with each of these seeds (the image tower runs once for all) "
+                        "and report every figure as mean ± std over them, beside each seed's "
+                        "own table; replaces --seed")
     # accepted for compatibility with the official scripts
     p.add_argument("--config_path", default=None, help="accepted, unused")
     p.add_argument("--model", default=None, help="accepted, unused (geometry comes from the "
@@ -56,6 +61,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=default_workers(),
                    help="DataLoader workers (default: 4 at most, never more than the CPUs)")
     p.add_argument("--no_vis", action="store_true", help="skip the pictures")
+    p.add_argument("--save_uncertainty", action="store_true",
+                   help="a fifth panel in the pictures: the per-pixel spread of the anomaly "
+                        "map over the prompt samples (scale 0..0.25)")
     p.add_argument("--pro", default="exact", choices=["exact", "official", "off"],
                    help="pixel AUPRO: exact, the official 200-threshold approximation, or off")
     p.add_argument("--classes", nargs="+", default=None, help="evaluate these classes only")
@@ -84,30 +92,64 @@ def main(argv=None) -> int:
     logger.info("arguments: %s", vars(args))
     logger.info("checkpoint %s (stage %d), %d test images, device %s, precision %s",
                 args.checkpoint_path, detector.stage, len(dataset), device, args.precision)
-    set_seed(args.seed)
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    set_seed(seeds[0])
     loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False,
-                         num_workers=args.num_workers, seed=args.seed)
+                         num_workers=args.num_workers, seed=seeds[0])
     vis_dir = None if args.no_vis else os.path.join(args.save_path, "imgs")
-    settings = {**vars(args), "stage": detector.stage, "model_spec": detector.spec.to_dict()}
-    rows: dict[str, dict] = {}
-
-    def save(name: str, row: dict) -> None:       # each class's results before its pictures
-        rows[name] = row
-        write_results(rows, args.save_path, args.dataset, settings)
-
+    settings = {**vars(args), "seeds": seeds, "stage": detector.stage,
+                "model_spec": detector.spec.to_dict()}
+    data = [data_record(args.data_path, args.dataset, class_counts(dataset.samples))]
+    runs: dict[int, dict] = {seed: {} for seed in seeds}
     start = time.time()
+
+    def save(name: str, rows: dict) -> None:     # each class's results before its pictures
+        for seed, row in rows.items():
+            runs[seed][name] = row
+        write_all(args, runs, settings, provenance(
+            settings, args.pretrained_path, args.checkpoint_path, data, device, args.precision,
+            start))
+
     try:
-        evaluate_dataset(detector, loader, args.dataset, pro=args.pro, vis_dir=vis_dir,
-                         progress=not args.no_progress, logger=logger, on_class=save,
-                         seed=args.seed)
+        evaluate_runs(detector, loader, args.dataset, seeds, pro=args.pro, vis_dir=vis_dir,
+                      progress=not args.no_progress, logger=logger, on_class=save,
+                      save_uncertainty=args.save_uncertainty)
+        tables = write_all(args, runs, settings, provenance(
+            settings, args.pretrained_path, args.checkpoint_path, data, device, args.precision,
+            start))
     except UserError as e:
         logger.error("%s", e)
         return 1
-    table, _ = write_results(rows, args.save_path, args.dataset, settings)
-    print(table)
-    log_to_files(logger, f"results of {args.dataset}:\n{table}")
+    for seed, table in tables.items():
+        if seed is not None:
+            log_to_files(logger, f"results of {args.dataset}, seed {seed}:\n{table}")
+    print(tables[None])
+    log_to_files(logger, f"results of {args.dataset}"
+                 + (f" (mean ± std over seeds {seeds})" if len(seeds) > 1 else "")
+                 + f":\n{tables[None]}")
     logger.info("done in %.1f s; results in %s", time.time() - start, args.save_path)
     return 0
+
+
+def write_all(args, runs: dict, settings: dict, record: dict) -> dict:
+    """``results_<dataset>``: the single run, or mean ± std over the seeds beside each seed's
+    ``seed<k>_results_<dataset>``. Returns the tables: {None: the main one, seed: each}."""
+    seeds = list(runs)
+    if len(seeds) == 1:
+        table, _ = write_results(runs[seeds[0]], args.save_path, args.dataset, settings,
+                                 extra={"seeds": seeds, "provenance": record})
+        return {None: table}
+    tables = {}
+    for seed in seeds:
+        tables[seed], _ = write_results(runs[seed], args.save_path, args.dataset,
+                                        {**settings, "seed": seed},
+                                        name=f"seed{seed}_results_{args.dataset}",
+                                        extra={"seeds": [seed], "provenance": record})
+    summary = over_seeds(runs)
+    tables[None], _ = write_results(summary["classes"], args.save_path, args.dataset, settings,
+                                    summary["std"], summary["mean"], summary["mean_std"],
+                                    extra={"seeds": seeds, "provenance": record})
+    return tables
 
 
 if __name__ == "__main__":

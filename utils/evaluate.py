@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +20,13 @@ from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
 from utils.results import OutputError, write_results
 from utils.visualize import four_panel, read_rgb, save_rgb
 
-__all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "iterate_classes",
-           "write_results"]
+__all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "evaluate_runs",
+           "iterate_classes", "iterate_runs", "write_results"]
 
 
 @dataclass
 class ClassOutputs:
-    """Everything inference produced for the test images of one class."""
+    """Everything inference produced for the test images of one class (one run)."""
     name: str
     labels: np.ndarray            # [n] int
     masks: np.ndarray             # [n, S, S] bool
@@ -34,65 +34,91 @@ class ClassOutputs:
     maps: np.ndarray              # [n, S, S] float32, unsmoothed
     paths: list[str] = field(default_factory=list)
     species: list[str] = field(default_factory=list)
+    maps_std: np.ndarray | None = None   # [n, S, S] spread over the samples (on request)
 
 
-def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
-                    leave: bool = True, seed: int | None = None) -> Iterator[ClassOutputs]:
+class _ClassBuffer:
+    """The per-image pieces of one class in one run, until the class is complete."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.parts: dict[str, list] = {k: [] for k in ("labels", "masks", "scores", "maps",
+                                                        "stds", "paths", "species")}
+
+    def add(self, **pieces) -> None:
+        for key, value in pieces.items():
+            self.parts[key].append(value)
+
+    def finish(self) -> ClassOutputs:
+        p = self.parts
+        return ClassOutputs(
+            name=self.name, labels=np.asarray(p["labels"], dtype=np.int64),
+            masks=np.concatenate(p["masks"]), text_scores=np.concatenate(p["scores"]),
+            maps=np.concatenate(p["maps"]), paths=p["paths"], species=p["species"],
+            maps_std=np.concatenate(p["stds"]) if p["stds"] else None)
+
+
+def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool = True,
+                 desc: str = "test", leave: bool = True, return_std: bool = False
+                 ) -> Iterator[dict]:
     """Run the detector over a loader whose samples come class after class (as
-    ``AnomalyDataset`` orders them) and yield each class's outputs once it is complete.
+    ``AnomalyDataset`` orders them), once per seed, and yield {seed: ClassOutputs} for each
+    class once it is complete. The frozen image tower runs once per image for all seeds (its
+    output does not depend on them); each seed's outputs equal those of a run with it alone.
 
-    ``seed``: the prompt samples come from it image by image (``models.noise.RunNoise``), so
-    that a class's outputs do not depend on the other classes or the batch size; None: the
-    detector draws from the torch RNG."""
-    run_noise = None
-    if seed is not None:
-        run_noise = RunNoise(seed, detector.sample_num, detector.model.prompt_context.shape[-1])
+    A seed draws the prompt samples image by image (``models.noise.RunNoise``), so a class's
+    outputs depend neither on the other classes nor on the batch size; the seed None: the
+    detector draws from the torch RNG. ``return_std``: the per-pixel spread too."""
+    dim = detector.model.prompt_context.shape[-1]
+    noises = {s: None if s is None else RunNoise(s, detector.sample_num, dim) for s in seeds}
     seen: dict[str, int] = {}                       # images of each class so far
-    current: dict | None = None
+    current: dict | None = None                     # seed -> _ClassBuffer
     bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress,
                dynamic_ncols=True, leave=leave)
-
-    def finish(c: dict) -> ClassOutputs:
-        return ClassOutputs(
-            name=c["name"], labels=np.asarray(c["labels"], dtype=np.int64),
-            masks=np.concatenate(c["masks"]), text_scores=np.concatenate(c["scores"]),
-            maps=np.concatenate(c["maps"]), paths=c["paths"], species=c["species"])
-
     for batch in loader:
-        names = batch["cls_name"]
-        noise = None
-        if run_noise is not None:
-            indices = []
-            for name in names:
-                indices.append(seen.get(name, 0))
-                seen[name] = indices[-1] + 1
-            noise = run_noise.batch(list(names), indices)
-        out = detector.predict(batch["image"], names, noise)
-        # the one device -> host copy of the batch
-        scores = out["image_score"].float().cpu().numpy()
-        maps = out["anomaly_map"].float().cpu().numpy()
+        names = list(batch["cls_name"])
+        indices = []
+        for name in names:
+            indices.append(seen.get(name, 0))
+            seen[name] = indices[-1] + 1
+        features, tokens = detector.encode_images(batch["image"].to(detector.device))
+        outs = {}
+        for seed, run_noise in noises.items():
+            noise = None if run_noise is None else run_noise.batch(names, indices)
+            out = detector.forward_features(features, tokens, names, noise, return_std)
+            # the one device -> host copy of the batch
+            outs[seed] = {k: out[k].float().cpu().numpy()
+                          for k in ("image_score", "anomaly_map", "anomaly_map_std") if k in out}
         masks = (batch["mask"][:, 0] > 0.5).numpy()
         for i, name in enumerate(names):
-            if current is None or current["name"] != name:
+            if current is None or next(iter(current.values())).name != name:
                 if current is not None:
                     # the per-image pieces are dropped before the class is handed over, so
                     # that they do not stay alive while its metrics are computed
-                    outputs, current = finish(current), None
-                    yield outputs
-                    del outputs
-                current = {"name": name, "labels": [], "masks": [], "scores": [], "maps": [],
-                           "paths": [], "species": []}
-            current["labels"].append(int(batch["label"][i]))
-            current["masks"].append(masks[i:i + 1])
-            current["scores"].append(scores[i:i + 1])
-            current["maps"].append(maps[i:i + 1])
-            current["paths"].append(batch["img_path"][i])
-            current["species"].append(batch["specie_name"][i])
+                    finished, current = {s: b.finish() for s, b in current.items()}, None
+                    yield finished
+                    del finished
+                current = {seed: _ClassBuffer(name) for seed in seeds}
+            for seed, buffer in current.items():
+                out = outs[seed]
+                buffer.add(labels=int(batch["label"][i]), masks=masks[i:i + 1],
+                           scores=out["image_score"][i:i + 1], maps=out["anomaly_map"][i:i + 1],
+                           paths=batch["img_path"][i], species=batch["specie_name"][i])
+                if "anomaly_map_std" in out:
+                    buffer.add(stds=out["anomaly_map_std"][i:i + 1])
         bar.update(len(names))
     bar.close()
     if current is not None:
-        outputs, current = finish(current), None
-        yield outputs
+        finished, current = {s: b.finish() for s, b in current.items()}, None
+        yield finished
+
+
+def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
+                    leave: bool = True, seed: int | None = None, return_std: bool = False
+                    ) -> Iterator[ClassOutputs]:
+    """One run of :func:`iterate_runs`: each class's outputs once it is complete."""
+    for outputs in iterate_runs(detector, loader, [seed], progress, desc, leave, return_std):
+        yield outputs[seed]
 
 
 class PictureWriter:
@@ -119,9 +145,11 @@ class PictureWriter:
             outputs, smoothed, threshold = job
             try:
                 lo, hi = float(smoothed.min()), float(smoothed.max())
+                spreads = outputs.maps_std
                 for i, path in enumerate(outputs.paths):
                     image = read_rgb(path, self.image_size)
-                    panel = four_panel(image, smoothed[i], outputs.masks[i], threshold, lo, hi)
+                    panel = four_panel(image, smoothed[i], outputs.masks[i], threshold, lo, hi,
+                                       None if spreads is None else spreads[i])
                     stem = os.path.splitext(os.path.basename(path))[0]
                     save_rgb(os.path.join(self.out_dir, outputs.name, outputs.species[i],
                                           stem + ".png"), panel)
@@ -139,38 +167,64 @@ class PictureWriter:
             raise self._error
 
 
+def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | None],
+                  pro: str = "exact", vis_dir: str | None = None, progress: bool = True,
+                  logger: logging.Logger | None = None,
+                  on_class: Callable[[str, dict], None] | None = None,
+                  save_uncertainty: bool = False) -> dict:
+    """Per-class metrics of one dataset (SPEC §7) for each seed: {seed: {class: row}}, the
+    image tower shared by the seeds (:func:`iterate_runs`). ``on_class(name, {seed: row})``
+    gets each class's metrics before its pictures are written (test.py writes the result
+    files there, so that no failure while writing pictures loses them). Pictures (the first
+    seed's; with ``save_uncertainty`` a fifth panel of the per-pixel spread) go to
+    ``vis_dir`` when given."""
+    runs: dict = {seed: {} for seed in seeds}
+    writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
+    masks_used = not is_classification_only(dataset_name)
+    try:
+        for by_seed in iterate_runs(detector, loader, seeds, progress,
+                                    return_std=bool(writer) and save_uncertainty):
+            rows, first = {}, None
+            for seed, outputs in by_seed.items():
+                metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
+                                         outputs.text_scores, outputs.maps, outputs.name,
+                                         dataset_name, pro=pro)
+                rows[seed] = runs[seed][outputs.name] = {k: metrics.get(k) for k in COLUMNS}
+                if logger:
+                    logger.info("%s%s: %s", outputs.name,
+                                "" if len(seeds) == 1 else f" (seed {seed})", ", ".join(
+                                    f"{k} {v:.4f}" for k, v in rows[seed].items()
+                                    if v is not None))
+                if first is None:
+                    first = (outputs, metrics.get("smoothed_maps"), rows[seed])
+                del metrics
+            name = next(iter(by_seed.values())).name
+            if on_class:
+                on_class(name, rows)
+            if writer:
+                outputs, smoothed, row = first
+                if smoothed is None:   # classification-only datasets: maps not scored
+                    smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
+                writer.submit(outputs, smoothed, row.get("threshold"))
+            # the next class is inferred without this one's arrays (the picture writer keeps
+            # its own references until its pictures are written)
+            del by_seed, first
+    finally:
+        if writer:
+            writer.close()
+    return runs
+
+
 def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
                      vis_dir: str | None = None, progress: bool = True,
                      logger: logging.Logger | None = None,
                      on_class: Callable[[str, dict], None] | None = None,
                      seed: int | None = None) -> dict[str, dict]:
-    """Per-class metrics of one dataset (SPEC §7). Pictures go to ``vis_dir`` when given,
-    each class's after ``on_class`` got its metrics (test.py writes the result files there, so
-    that no failure while writing pictures loses them). ``seed``: see :func:`iterate_classes`."""
-    rows: dict[str, dict] = {}
-    writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
-    try:
-        for outputs in iterate_classes(detector, loader, progress, seed=seed):
-            metrics = evaluate_class(
-                outputs.labels, None if is_classification_only(dataset_name) else outputs.masks,
-                outputs.text_scores, outputs.maps, outputs.name, dataset_name, pro=pro)
-            row = {k: metrics.get(k) for k in COLUMNS}
-            rows[outputs.name] = row
-            if logger:
-                logger.info("%s: %s", outputs.name, ", ".join(
-                    f"{k} {v:.4f}" for k, v in row.items() if v is not None))
-            if on_class:
-                on_class(outputs.name, row)
-            if writer:
-                smoothed = metrics.get("smoothed_maps")
-                if smoothed is None:   # classification-only datasets: maps not scored
-                    smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
-                writer.submit(outputs, smoothed, row.get("threshold"))
-                del smoothed
-            # the next class is inferred without this one's arrays (the picture writer keeps
-            # its own references until its pictures are written)
-            del outputs, metrics
-    finally:
-        if writer:
-            writer.close()
-    return rows
+    """Per-class metrics of one dataset, one run (see :func:`evaluate_runs`): {class: row};
+    ``on_class(name, row)``."""
+    def one(name: str, rows: dict) -> None:
+        if on_class:
+            on_class(name, rows[seed])
+
+    return evaluate_runs(detector, loader, dataset_name, [seed], pro, vis_dir, progress, logger,
+                         one)[seed]

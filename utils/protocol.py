@@ -200,27 +200,40 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
 # Tables
 
 
-def _cell(column: str, value) -> str:
+def _cell(column: str, value, spread=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.4f}" if column == "threshold" else f"{100.0 * value:.1f}"
+    if column == "threshold":
+        return f"{value:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+    return f"{100.0 * value:.1f}" + ("" if spread is None else f" ± {100.0 * spread:.1f}")
 
 
-def summarise(rows: dict) -> tuple[str, dict]:
-    """Table of the per-class metrics and their mean.
-
-    rows: class name -> metrics dict (as from evaluate_class; other keys ignored). Values are
-    shown in percent with one decimal, the threshold raw with four; None as "n/a". The last row,
-    "mean", averages the available values of each column. Returns (table text, mean row with
-    raw values, None where no class has the metric).
-    """
+def mean_row_of(rows: dict) -> dict:
+    """The mean over classes of each column's available values (None where none is)."""
     mean_row = {}
     for column in COLUMNS:
         values = [r.get(column) for r in rows.values()]
         values = [v for v in values if v is not None and not math.isnan(v)]
         mean_row[column] = float(np.mean(values)) if values else None
-    body = [[name] + [_cell(c, r.get(c)) for c in COLUMNS] for name, r in rows.items()]
-    body.append(["mean"] + [_cell(c, mean_row[c]) for c in COLUMNS])
+    return mean_row
+
+
+def summarise(rows: dict, spreads: dict | None = None, mean_row: dict | None = None,
+              mean_spread: dict | None = None) -> tuple[str, dict]:
+    """Table of the per-class metrics and their mean.
+
+    rows: class name -> metrics dict (as from evaluate_class; other keys ignored). Values are
+    shown in percent with one decimal, the threshold raw with four; None as "n/a". The last row,
+    "mean", averages the available values of each column (or is ``mean_row``). With
+    ``spreads`` (class -> column -> std) and ``mean_spread``, every cell reads "mean ± std".
+    Returns (table text, mean row with raw values, None where no class has the metric).
+    """
+    mean_row = mean_row_of(rows) if mean_row is None else mean_row
+    spreads = spreads or {}
+    body = [[name] + [_cell(c, r.get(c), (spreads.get(name) or {}).get(c)) for c in COLUMNS]
+            for name, r in rows.items()]
+    body.append(["mean"] + [_cell(c, mean_row[c], (mean_spread or {}).get(c))
+                            for c in COLUMNS])
     table = tabulate(body, headers=["class", *COLUMNS], tablefmt="pipe", disable_numparse=True,
                      colalign=("left",) + ("right",) * len(COLUMNS))
     return table, mean_row

@@ -8,8 +8,10 @@ import io
 import json
 import os
 
+import numpy as np
+
 from models.errors import UserError
-from utils.protocol import COLUMNS, summarise
+from utils.protocol import COLUMNS, mean_row_of, summarise
 
 
 class OutputError(UserError, OSError):
@@ -46,18 +48,55 @@ def make_output_folder(path: str, flag: str = "--save_path") -> None:
                           f"another {flag}") from None
 
 
+def over_seeds(runs: dict) -> dict:
+    """Per-class results of several seeds ({seed: {class: row}}) summed up: ``classes`` and
+    ``std`` (each column's mean and std over the seeds, ddof 0), ``mean`` and ``mean_std``
+    (the mean and std over the seeds of each seed's mean row)."""
+    seeds = list(runs)
+    classes: dict[str, dict] = {}
+    spreads: dict[str, dict] = {}
+    for name in runs[seeds[0]]:
+        classes[name], spreads[name] = {}, {}
+        for column in COLUMNS:
+            values = [runs[s][name].get(column) for s in seeds]
+            values = [v for v in values if v is not None]
+            classes[name][column] = float(np.mean(values)) if values else None
+            spreads[name][column] = float(np.std(values)) if values else None
+    means = [mean_row_of(runs[s]) for s in seeds]
+    mean_row, mean_spread = {}, {}
+    for column in COLUMNS:
+        values = [m[column] for m in means if m[column] is not None]
+        mean_row[column] = float(np.mean(values)) if values else None
+        mean_spread[column] = float(np.std(values)) if values else None
+    return {"classes": classes, "std": spreads, "mean": mean_row, "mean_std": mean_spread}
+
+
 def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
-                  settings: dict | None = None) -> tuple[str, dict]:
-    """Table (returned), ``results_<dataset>.csv`` and ``results_<dataset>.json``."""
-    table, mean_row = summarise(rows)
+                  settings: dict | None = None, spreads: dict | None = None,
+                  mean_row: dict | None = None, mean_spread: dict | None = None,
+                  name: str | None = None, extra: dict | None = None) -> tuple[str, dict]:
+    """Table (returned), ``<name>.csv`` and ``<name>.json`` (``name``: results_<dataset>).
+
+    With ``spreads`` (class -> column -> std over seeds) and ``mean_spread`` the CSV gets a
+    ``<column>_std`` column beside each column, the JSON ``std`` and ``mean_std``; ``extra``
+    goes into the JSON as it is (the seeds, the provenance)."""
+    table, mean_row = summarise(rows, spreads, mean_row, mean_spread)
+    name = name or f"results_{dataset_name}"
+    columns = [c for column in COLUMNS for c in ((column, f"{column}_std") if spreads
+                                                  else (column,))]
+    every = {**{k: ({**r, **{f"{c}_std": v for c, v in (spreads or {}).get(k, {}).items()}})
+                for k, r in rows.items()},
+             "mean": {**mean_row, **{f"{c}_std": v for c, v in (mean_spread or {}).items()}}}
     text = io.StringIO()
     w = csv.writer(text)
-    w.writerow(["class", *COLUMNS])
-    for name, row in list(rows.items()) + [("mean", mean_row)]:
-        w.writerow([name] + ["" if row.get(k) is None else f"{row[k]:.6f}" for k in COLUMNS])
-    write_text(os.path.join(save_path, f"results_{dataset_name}.csv"), text.getvalue())
+    w.writerow(["class", *columns])
+    for key, row in every.items():
+        w.writerow([key] + ["" if row.get(c) is None else f"{row[c]:.6f}" for c in columns])
+    write_text(os.path.join(save_path, f"{name}.csv"), text.getvalue())
     result = {"dataset": dataset_name, "classes": rows, "mean": mean_row,
               "settings": settings or {}}
-    write_text(os.path.join(save_path, f"results_{dataset_name}.json"),
-               json.dumps(result, indent=2) + "\n")
+    if spreads is not None:
+        result.update(std=spreads, mean_std=mean_spread)
+    result.update(extra or {})
+    write_text(os.path.join(save_path, f"{name}.json"), json.dumps(result, indent=2) + "\n")
     return table, mean_row

@@ -54,19 +54,25 @@ def draw_contour(image: np.ndarray, mask: np.ndarray, colour=(0, 255, 0),
 
 
 def four_panel(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
-               threshold: float | None, vmin: float, vmax: float) -> np.ndarray:
-    """original | heat map | heat map cut at the threshold with the ground-truth contour |
-    ground truth, side by side (RGB uint8)."""
+               threshold: float | None, vmin: float, vmax: float,
+               spread: np.ndarray | None = None, spread_max: float = 0.25) -> np.ndarray:
+    """original | heat map | heat map cut at the threshold (pixels strictly above it, as the
+    IoU counts them) with the ground-truth contour | ground truth, side by side (RGB uint8);
+    with ``spread`` a fifth panel: the per-pixel spread over the prompt samples on the scale
+    0..``spread_max``."""
     heat = heat_overlay(image, amap, vmin=vmin, vmax=vmax)
     gt = np.zeros(image.shape[:2], np.uint8) if mask is None else (np.asarray(mask) > 0)
     if threshold is None:
         cut = heat.copy()
     else:
         cut = image.copy()
-        sel = amap >= threshold
+        sel = amap > threshold
         cut[sel] = heat[sel]
     cut = draw_contour(cut, gt)
-    return np.concatenate([image, heat, cut, mask_overlay(image, gt)], axis=1)
+    panels = [image, heat, cut, mask_overlay(image, gt)]
+    if spread is not None:
+        panels.append(heat_overlay(image, spread, vmin=0.0, vmax=spread_max))
+    return np.concatenate(panels, axis=1)
 
 
 def save_rgb(path: str, image: np.ndarray) -> None:
