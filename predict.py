@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
                        model_request, positive_int)
 from utils.inference import InputError, find_inputs, predict_folder
 from utils.misc import resolve_device, set_seed
+from utils.provenance import provenance
 from utils.results import make_output_folder
 
 
@@ -79,15 +81,20 @@ def run(args) -> dict:
             warn(f"the calibration images are of class {', '.join(sorted(calib_classes))} and "
                  f"the inputs of {', '.join(sorted(classes))} (folder names); pass "
                  "--class_name to use one class name for both")
+    started = time.time()
     make_output_folder(args.out, "--out")
     detector = load_detector(args)
     set_seed(args.seed)
+    settings = {**vars(args), "model_spec": detector.spec.to_dict()}
     result = predict_folder(detector, inputs, args.out, threshold=args.threshold,
                             calibrate=args.calibrate, percentile=args.percentile,
                             batch_size=args.batch_size, seed=args.seed,
                             overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
-                            progress=not args.no_progress, settings=dict(vars(args)),
-                            uncertainty=args.uncertainty)
+                            progress=not args.no_progress, settings=settings,
+                            uncertainty=args.uncertainty, extra=lambda: {"provenance": provenance(
+                                settings, args.pretrained_path, args.checkpoint_path,
+                                device=detector.device, precision=args.precision,
+                                started=started)})
     if not result["predictions"]:
         raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
                          f"in {result['files']['csv']}): check the files")

@@ -5,8 +5,9 @@
 # Then one summary table of the datasets' mean rows beside the paper's numbers.
 #
 # Environment: DATA (./dataset/mvisa/data), CLIP (./pretrained_weight/ViT-L-14-336px.pt),
-# WEIGHTS (./bayes_weight), OUT (./results), DEVICE (auto), EXTRA (more test.py flags,
-# e.g. "--batch_size 8 --precision bf16 --no_vis").
+# WEIGHTS (./bayes_weight), OUT (./results), DEVICE (auto), SEEDS (e.g. "333 334 335": every
+# figure as mean ± std over these sampling seeds; default the official 333 alone), EXTRA (more
+# test.py flags, e.g. "--batch_size 8 --precision bf16 --no_vis").
 set -u
 cd "$(dirname "$0")"
 DATA=${DATA:-./dataset/mvisa/data}
@@ -15,8 +16,11 @@ WEIGHTS=${WEIGHTS:-./bayes_weight}
 OUT=${OUT:-./results}
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
+SEEDS=${SEEDS:-333}
 PYTHON=${PYTHON:-python}
-CLIP_URL=https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt
+# download addresses: models/weights.py holds them (and the SHA-256 of OpenAI's files)
+url_of() { "$PYTHON" -c 'import sys; from models.weights import download_url as u; print(u(sys.argv[1]))' "$1" 2>/dev/null || echo "the project page"; }
+CLIP_URL=$(url_of ViT-L-14-336px.pt)
 
 # The datasets, and the released checkpoint of each, as "<dataset>:<checkpoint file>" words.
 DATASETS=$($PYTHON -m dataset.registry) || {
@@ -39,10 +43,11 @@ for item in $plan; do
   case "$checked" in *" $ckpt "*) continue ;; esac
   checked="$checked$ckpt "
   # which datasets the released checkpoint evaluates, and where to download it
+  url=$(url_of "$ckpt")
   case "$ckpt" in
-    train_visa.pth) use="for all datasets but VisA"; url=https://drive.google.com/file/d/1rNs_rdTmrg4JshmKHotq6AN1gqTpPjvm/view ;;
-    train_mvtec.pth) use="for VisA"; url=https://drive.google.com/file/d/1EHa4jPi7r8jmRVURoZ4yH2-jqDt6K1Ni/view ;;
-    *) use="for"; url="the project page"
+    train_visa.pth) use="for all datasets but VisA" ;;
+    train_mvtec.pth) use="for VisA" ;;
+    *) use="for"
        for other in $plan; do [ "${other#*:}" = "$ckpt" ] && use="$use ${other%%:*}"; done ;;
   esac
   [ -f "$WEIGHTS/$ckpt" ] || say_missing "$WEIGHTS/$ckpt ($use): download it from $url (see bayes_weight/README.md)"
@@ -70,7 +75,7 @@ for item in $runnable; do
   $PYTHON test.py --dataset "$d" --data_path "$DATA" --checkpoint_path "$ckpt" \
     --save_path "$OUT/$d" --pretrained_path "$CLIP" --features_list 6 12 18 24 \
     --image_size 518 --prompt_context_len 5 --prompt_num 3 --prompt_state_len 5 \
-    --sample_num 10 --num_flows 10 --seed 333 --device "$DEVICE" $EXTRA || failed=1
+    --sample_num 10 --num_flows 10 --seeds $SEEDS --device "$DEVICE" $EXTRA || failed=1
 done
 
 if [ -n "$runnable" ]; then

@@ -109,9 +109,10 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 
 def checkpoint_record(model: torch.nn.Module, stage: int | None = None,
-                      spec: ModelSpec | None = None) -> dict:
-    """``{"MyModel": state_dict}`` plus the stage and the settings when known."""
-    record: dict = {"MyModel": model.state_dict()}
+                      spec: ModelSpec | None = None, extra: dict | None = None) -> dict:
+    """``{"MyModel": state_dict}`` plus the stage and the settings when known, and ``extra``
+    (plain data, e.g. the provenance of the training)."""
+    record: dict = {"MyModel": model.state_dict(), **(extra or {})}
     if stage is not None:
         record["stage"] = int(stage)
     if spec is not None:
@@ -120,9 +121,9 @@ def checkpoint_record(model: torch.nn.Module, stage: int | None = None,
 
 
 def save_checkpoint(model: torch.nn.Module, path: str, stage: int | None = None,
-                    spec: ModelSpec | None = None) -> None:
+                    spec: ModelSpec | None = None, extra: dict | None = None) -> None:
     """Write the checkpoint of ``model`` atomically (temporary file, then rename)."""
-    atomic_save(checkpoint_record(model, stage, spec), path)
+    atomic_save(checkpoint_record(model, stage, spec, extra), path)
 
 
 def atomic_save(obj, path: str) -> None:

@@ -105,8 +105,9 @@ def test_summary_takes_paper_numbers_and_order_from_the_registry(monkeypatch):
     from utils import summary
 
     monkeypatch.setitem(REGISTRY, "BTAD", replace(REGISTRY["BTAD"], paper={"auroc_sp": 77.7}))
-    table = summary.markdown({"BTAD": {"auroc_sp": 0.5}, "mvtec": {"auroc_sp": 0.9},
-                              "Aaa": {"auroc_sp": 0.1}})
+    table = summary.markdown({"BTAD": {"mean": {"auroc_sp": 0.5}},
+                              "mvtec": {"mean": {"auroc_sp": 0.9}},
+                              "Aaa": {"mean": {"auroc_sp": 0.1}}})
     assert "50.0 (paper 77.7)" in table and "90.0 (paper 92.3)" in table
     assert table.index("| mvtec |") < table.index("| BTAD |") < table.index("| Aaa |")
 

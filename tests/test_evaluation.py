@@ -138,7 +138,10 @@ def test_test_sh_lists_missing_files_and_runs_what_is_present(tiny_files, tmp_pa
 def test_summary_shows_paper_numbers():
     from utils.summary import markdown
 
-    table = markdown({"mvtec": {"auroc_sp": 0.9, "auroc_px": None, "ap_px": 0.5},
-                      "visa": {"auroc_sp": 0.8}})
+    table = markdown({"mvtec": {"mean": {"auroc_sp": 0.9, "auroc_px": None, "ap_px": 0.5},
+                                "seeds": [333]},
+                      "visa": {"mean": {"auroc_sp": 0.8}, "mean_std": {"auroc_sp": 0.012},
+                               "seeds": [333, 334]}})
     assert "90.0 (paper 92.3)" in table and "n/a (paper 91.8)" in table
+    assert "80.0 ± 1.2 (paper 87.0)" in table and "| 333 334 |" in table
     assert table.index("| mvtec |") < table.index("| visa |")

@@ -98,3 +98,18 @@ def test_uncertainty_panel_and_provenance(tiny_files, data_root, tmp_path):
     assert record["environment"]["torch"] and record["environment"]["device"] == "cpu"
     assert record["settings"]["seed"] == 111 and record["wall_time_s"] >= 0
     assert "commit" in record["code"]
+
+
+def test_summary_compares_two_results_files(tiny_files, data_root, tmp_path, capsys):
+    from utils import summary
+
+    a = _run(tiny_files, data_root, tmp_path / "a", "--no_vis", "--seed", "1")
+    b = _run(tiny_files, data_root, tmp_path / "b", "--no_vis", "--seed", "2", "--pro", "off")
+    capsys.readouterr()
+    assert summary.main(["--compare", str(a / "results_synthetic.json"),
+                         str(b / "results_synthetic.json")]) == 0
+    out = capsys.readouterr().out
+    assert "auroc_px" in out and "what differs" in out
+    assert "settings.seed" in out and "settings.pro" in out
+    assert "provenance.weights.clip_sha256" not in out               # the same file
+    assert summary.main(["--compare", str(a / "nothing.json"), str(a / "x.json")]) == 1

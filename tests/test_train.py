@@ -325,7 +325,9 @@ def test_checkpoint_files(straight_run, tiny_files):
     clip = load_clip(tiny_files[0], image_size=32)
     for path in result.checkpoints + [result.best_path]:
         obj = torch.load(path, weights_only=True)
-        assert set(obj) == {"MyModel", "stage", "model_spec"} and len(obj["MyModel"]) == 131
+        assert set(obj) == {"MyModel", "stage", "model_spec", "provenance"}
+        assert len(obj["MyModel"]) == 131
+        assert obj["provenance"]["data"][0]["meta_sha256"]          # what it was trained on
         assert obj["model_spec"]["layers"] == LAYERS and obj["model_spec"]["image_size"] == 32
         load_checkpoint(fresh_model(clip, seed=1), path)             # strict
     last = torch.load(os.path.join(cfg.save_path, "last.pth"), weights_only=True)

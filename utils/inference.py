@@ -24,7 +24,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -255,7 +255,8 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                    calibrate: str | None = None, percentile: float = 100.0,
                    batch_size: int = 8, seed: int | None = 111, overlays: bool = True,
                    exif_transpose: bool = True, progress: bool = False,
-                   settings: dict | None = None, uncertainty: bool = False) -> dict:
+                   settings: dict | None = None, uncertainty: bool = False,
+                   extra: Callable[[], dict] | None = None) -> dict:
     """Score every image the inputs name, write ``<out>/predictions.csv`` / ``.json`` and
     (``overlays``) a heat-map overlay per image, and return what predictions.json holds.
 
@@ -263,7 +264,9 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
     known-good images in ``calibrate`` (scored first, so that it depends only on them and the
     seed), else none (no decisions). Unreadable files are skipped and listed. ``uncertainty``:
     each row also gets ``score_std`` (the spread of the score over the prompt samples) and,
-    with ``overlays``, a second overlay of the per-pixel spread under ``<out>/uncertainty``."""
+    with ``overlays``, a second overlay of the per-pixel spread under ``<out>/uncertainty``.
+    ``extra()``, called once the images are scored (e.g. the provenance with its wall time),
+    goes into predictions.json as it is."""
     if not isinstance(inputs, Inputs):
         inputs = find_inputs(inputs, out, class_name, calibrate)
     skipped: list[dict] = []
@@ -312,6 +315,7 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
         "settings": {**(settings or {}), "stage": detector.stage},
         "predictions": rows,
         "skipped": skipped,
+        **(extra() if extra else {}),
     }
     csv_path, json_path = write_outputs(out, result)
     result["files"] = {"csv": csv_path, "json": json_path}

@@ -58,8 +58,8 @@ def code_version() -> dict:
 
 def environment(device: torch.device | str | None = None, precision: str | None = None) -> dict:
     """Libraries and machine."""
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "platform": platform.platform(),
+    env = {"python": platform.python_version(), "torch": str(torch.__version__),
+           "numpy": str(np.__version__), "platform": platform.platform(),
            "device": None if device is None else str(device), "precision": precision}
     if device is not None and torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -89,7 +89,7 @@ def provenance(settings: dict, clip_path: str | None = None,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     if started is not None:
         record["wall_time_s"] = round(time.time() - started, 3)
-    return record
+    return json.loads(json.dumps(record, default=str))       # plain data: loads weights_only
 
 
 def class_counts(samples: list[dict]) -> dict[str, int]:

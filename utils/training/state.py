@@ -89,3 +89,50 @@ def read_resume_state(path: str, config=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def resume_record(trainer, finished: bool) -> dict:
+    """Everything ``--resume`` needs of a trainer after an epoch (``last.pth``)."""
+    return {
+        "format": RESUME_FORMAT,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "scaler": trainer.scaler.state_dict(),
+        "controller": trainer.controller.state_dict(),
+        "remembered": trainer.remembered,
+        "epoch": trainer.epoch,
+        "global_step": trainer.global_step,
+        "rng": rng_state(),
+        "config": trainer.config.to_dict(),
+        "history": trainer.history,
+        "checkpoints": trainer.checkpoints,
+        "best_path": trainer.best_path,
+        "finished": finished,
+        "stage": trainer.history[-1]["stage"] if trainer.history else 1,
+        "model_spec": trainer.spec.to_dict(),
+        **trainer._provenance(),
+    }
+
+
+def restore(trainer, state: dict) -> None:
+    """Put a trainer back in the state of :func:`resume_record` (its stage's optimiser,
+    schedule, RNG, history); the run's files are named where the run now is, so a copied or
+    moved run folder reports its own."""
+    trainer.controller.load_state_dict(state["controller"])
+    trainer.model.load_state_dict(state["model"])
+    if trainer.controller.stage != 1:
+        trainer._enter_stage(trainer.controller.stage)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None and state.get("scheduler") is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.remembered = {int(k): v for k, v in state["remembered"].items()}
+    trainer.epoch = int(state["epoch"])
+    trainer.global_step = int(state["global_step"])
+    trainer.history = list(state["history"])
+    here = trainer.config.save_path
+    trainer.checkpoints = [os.path.join(here, os.path.basename(p)) for p in state["checkpoints"]]
+    trainer.best_path = (os.path.join(here, os.path.basename(state["best_path"]))
+                         if state.get("best_path") else None)
+    set_rng_state(state["rng"])

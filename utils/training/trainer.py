@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from models import BayesPFL, load_clip
 from models.checkpoint import atomic_save, save_checkpoint
 from utils import distributed as dist_utils
 from utils.misc import resolve_device, set_seed
+from utils.provenance import class_counts, data_record, provenance
 
 from .config import LOSS_KEYS, SHOWN_LOSSES, TrainConfig, TrainingError, model_spec
 from .folder import claimed_on_main
@@ -26,8 +28,8 @@ from .optim import group_learning_rates, make_optimizer, make_scheduler, set_tra
 from .plan import build_feature_cache, plan_data
 from .progress import RunLog, RunningLosses, progress_bar
 from .stages import Decision, StageController
-from .state import (RESUME_FORMAT, SEED_GLOBAL, SEED_LOADER, SEED_PROMPT, SEED_VALIDATION,
-                    cpu_copy, derive_seed, read_resume_state, rng_state, set_rng_state)
+from .state import (SEED_GLOBAL, SEED_LOADER, SEED_PROMPT, SEED_VALIDATION, cpu_copy,
+                    derive_seed, read_resume_state, restore, resume_record)
 from .step import TrainingStep, encode_images, optimisation_step
 from .validation import ValidationResult, validate
 
@@ -88,12 +90,18 @@ class Trainer:
         cfg = self.config
         # read first, so that a bad file or other settings are reported before any work
         self._resume_state = read_resume_state(cfg.resume, cfg) if cfg.resume else None
+        self.started = time.time()
         self.plan = plan_data(cfg)
         train_ds = AnomalyDataset(self.plan.train_root, self.plan.train_dataset, mode="train",
                                   image_size=cfg.image_size, class_names=self.plan.train_classes,
                                   seed=cfg.seed)
         self.val_ds = AnomalyDataset(self.plan.val_root, self.plan.val_dataset, mode="test",
                                      image_size=cfg.image_size, class_names=self.plan.val_classes)
+        self.data_records = [
+            data_record(self.plan.train_root, self.plan.train_dataset,
+                        class_counts(train_ds.samples)),
+            data_record(self.plan.val_root, self.plan.val_dataset,
+                        class_counts(self.val_ds.samples))]
         self.clip = load_clip(cfg.pretrained_path, image_size=cfg.image_size, device=self.device,
                               activation=cfg.activation, verify=cfg.verify_weights)
         torch.manual_seed(cfg.seed)
@@ -154,24 +162,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.step_module, device_ids=ids)
 
     def _resume(self, path: str, state: dict) -> None:
-        self.controller.load_state_dict(state["controller"])
-        self.model.load_state_dict(state["model"])
-        if self.controller.stage != 1:
-            self._enter_stage(self.controller.stage)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.remembered = {int(k): v for k, v in state["remembered"].items()}
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        # the run's files where the run now is (a copied or moved folder reports its own)
-        here = self.config.save_path
-        self.checkpoints = [os.path.join(here, os.path.basename(p)) for p in state["checkpoints"]]
-        self.best_path = (os.path.join(here, os.path.basename(state["best_path"]))
-                          if state.get("best_path") else None)
-        set_rng_state(state["rng"])
+        restore(self, state)
         self.info(f"resumed from {path}: epoch {self.epoch} done, stage {self.controller.stage}, "
                   f"step {self.global_step}")
 
@@ -250,26 +241,15 @@ class Trainer:
 
     def _save_last(self, finished: bool) -> str:
         path = os.path.join(self.config.save_path, "last.pth")
-        atomic_save({
-            "format": RESUME_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "controller": self.controller.state_dict(),
-            "remembered": self.remembered,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "rng": rng_state(),
-            "config": self.config.to_dict(),
-            "history": self.history,
-            "checkpoints": self.checkpoints,
-            "best_path": self.best_path,
-            "finished": finished,
-            "stage": self.history[-1]["stage"] if self.history else 1,
-            "model_spec": self.spec.to_dict(),
-        }, path)
+        atomic_save(resume_record(self, finished), path)
         return path
+
+    def _provenance(self) -> dict:
+        """What a checkpoint records of the run: its provenance, with the wall time so far."""
+        return {"provenance": provenance(self.config.to_dict(), self.config.pretrained_path,
+                                         data=self.data_records, device=self.device,
+                                         precision=self.config.precision,
+                                         started=self.started)}
 
     def _learning_rates(self) -> dict[str, float]:
         return {g["group"]: g["lr"] for g in self.optimizer.param_groups}
@@ -290,6 +270,8 @@ class Trainer:
         cfg = self.config
         self.log.open(cfg.save_path)
         self.info("arguments: " + json.dumps(cfg.to_dict(), sort_keys=True))
+        self.info("provenance: " + json.dumps({k: v for k, v in self._provenance()["provenance"]
+                                               .items() if k != "settings"}, sort_keys=True))
         self.info(f"training {self.plan.train_dataset} classes "
                   f"{self.plan.train_classes or 'all'}; validating on {self.plan.val_dataset} "
                   f"{self.plan.val_classes or 'all'}"
@@ -351,13 +333,13 @@ class Trainer:
         cfg, epoch, stage = self.config, record["epoch"], record["stage"]
         if self.main and epoch % cfg.save_freq == 0:
             path = os.path.join(cfg.save_path, f"epoch_post_{epoch}_{stage}.pth")
-            save_checkpoint(self.model, path, stage, self.spec)
+            save_checkpoint(self.model, path, stage, self.spec, self._provenance())
             self.checkpoints.append(path)
         if decision.improved:
             self.remembered[stage] = cpu_copy(self.model.state_dict())
             if self.main:
                 self.best_path = os.path.join(cfg.save_path, "best.pth")
-                save_checkpoint(self.model, self.best_path, stage, self.spec)
+                save_checkpoint(self.model, self.best_path, stage, self.spec, self._provenance())
             self.info(f"epoch {epoch}: best {'pixel' if stage == 1 else 'image'} AP so far "
                       f"({decision.value:.4f}); parameters remembered, best.pth written")
         self.history.append(record)
