@@ -10,7 +10,8 @@
 3. trains Bayes-PFL (both stages, the official losses, flows and schedule) on five categories,
    selecting (stage switch, early stop) on new images of one of them;
 4. evaluates zero-shot on categories never seen in training or selection: the per-class
-   table (test.py's), CSV/JSON and pictures under demo_output/.
+   table (test.py's) as mean ± std over three sampling seeds (the image tower runs once for
+   all three), CSV/JSON and pictures under demo_output/.
 
 Demo-only settings, stated here because they differ from train.py's official defaults: the
 frozen CLIP outputs of a fixed pool of training images are computed once and reused (no
@@ -36,7 +37,9 @@ from dataset.synthetic import write_standard
 from models import AnomalyDetector, load_clip
 from models.errors import SettingsError, UserError
 from models.random_clip import make_clip_state_dict
-from utils.evaluate import evaluate_dataset, write_results
+from utils.evaluate import evaluate_runs
+from utils.provenance import data_record, provenance
+from utils.results import over_seeds, write_results
 from utils.cli import Parser, fail
 from utils.misc import set_seed, setup_logging
 from utils.training import TrainConfig, train
@@ -62,6 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--n_anomalous", type=int, default=24,
                    help="anomalous images per category (good ones: half as many)")
+    p.add_argument("--eval_seeds", type=int, default=3,
+                   help="sampling seeds of the evaluation (--seed, --seed + 1, ...): the table "
+                        "reads mean ± std over them")
     p.add_argument("--no_vis", action="store_true", help="skip the pictures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -82,7 +88,7 @@ DEMO_FOLDERS = ("data", "train", "results")
 
 def check_args(args: argparse.Namespace) -> None:
     """Every setting checked before any work."""
-    for name, least in (("epochs", 1), ("n_anomalous", 1), ("patience", 0)):
+    for name, least in (("epochs", 1), ("n_anomalous", 1), ("patience", 0), ("eval_seeds", 1)):
         if getattr(args, name) < least:
             raise SettingsError(f"--{name} must be at least {least}, not {getattr(args, name)}")
 
@@ -164,15 +170,26 @@ def run(args: argparse.Namespace, out: str) -> int:
                              class_names=UNSEEN_CLASSES)
     loader = make_loader(dataset, batch_size=8, shuffle=False, num_workers=0, seed=args.seed)
     vis = None if args.no_vis else os.path.join(out, "results", "imgs")
-    rows = evaluate_dataset(detector, loader, "demo_eval", pro="exact", vis_dir=vis,
-                            progress=not args.quiet)
-    table, mean = write_results(rows, os.path.join(out, "results"), "demo_eval",
-                                {"demo": vars(args), "stage": result.final_stage})
+    seeds = [args.seed + k for k in range(args.eval_seeds)]
+    runs = evaluate_runs(detector, loader, "demo_eval", seeds, pro="exact", vis_dir=vis,
+                         progress=not args.quiet)
+    results = os.path.join(out, "results")
+    settings = {"demo": vars(args), "stage": result.final_stage, "seeds": seeds}
+    record = provenance(settings, clip_path, data=[data_record(data, "demo_eval")],
+                        device=args.device, started=start)
+    for seed in seeds:
+        write_results(runs[seed], results, "demo_eval", {**settings, "seed": seed},
+                      name=f"seed{seed}_results_demo_eval", extra={"provenance": record})
+    summary = over_seeds(runs)
+    table, mean = write_results(summary["classes"], results, "demo_eval", settings,
+                                summary["std"], summary["mean"], summary["mean_std"],
+                                extra={"seeds": seeds, "provenance": record})
     print("\nZero-shot results on categories never seen in training (random-weight CLIP; "
-          "values in %):")
+          f"values in %, mean ± std over the sampling seeds {' '.join(map(str, seeds))}):")
     print(table)
-    print(f"\nunseen-category pixel AUROC {100 * mean['auroc_px']:.1f} (chance: 50.0); "
-          f"results, pictures and logs in {out}; {time.time() - start:.0f} s")
+    print(f"\nunseen-category pixel AUROC {100 * mean['auroc_px']:.1f} ± "
+          f"{100 * summary['mean_std']['auroc_px']:.1f} (chance: 50.0); results, pictures and "
+          f"logs in {out}; {time.time() - start:.0f} s")
     return 0
 
 

@@ -26,7 +26,7 @@ from benchmarks.common import (PeakMemory, Timer, add_common_flags, benchmark_ma
                                machine_line)
 from models.bayes_pfl import TEXT_MODES
 from models.detector import AnomalyDetector
-from models.noise import standard_noise
+from models.noise import RunNoise, standard_noise
 
 PARTS = [("image tower", "image"), ("prompt sampling", "sampling"), ("text tower", "text"),
          ("heads (RCA, logits)", "heads"), ("scoring (maps, scores)", "scoring")]
@@ -40,6 +40,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=2, choices=[1, 2])
     p.add_argument("--no_compare", action="store_true",
                    help="with a lower precision, skip the comparison with fp32")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="also time an evaluation with this many seeds sharing one image-tower "
+                        "pass (test.py --seeds) against one seed")
     p.add_argument("--text", default="packed", choices=TEXT_MODES,
                    help="text tower: normal/abnormal pairs packed with their shared prefix "
                         "(default), one sequence per prompt cut after the last end token, or "
@@ -101,6 +104,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                 with timer("predict"):
                     det.predict(images, names)
 
+    if args.seeds > 1:
+        result_seeds = time_seeds(det, images, names, args, timer)
     sequences, positions = model.text_work(model.class_tokens(names), model.prompt_num
                                            * args.sample_num)
     result = {"parts": {key: timer.median(key) for _, key in PARTS},
@@ -108,7 +113,33 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
               "text_work": (sequences, positions), "names": names}
     if args.precision != "fp32" and not args.no_compare:
         result["diff"] = compare_with_fp32(det, images, names, args.seed)
+    if args.seeds > 1:
+        result["seeds"] = result_seeds
     return result
+
+
+def time_seeds(det: AnomalyDetector, images: torch.Tensor, names: list[str],
+               args: argparse.Namespace, timer: Timer) -> tuple[float, float]:
+    """(one seed, ``args.seeds`` seeds) seconds per batch of an evaluation step: the image
+    tower once, then the prompt samples, text tower, heads and scores of each seed."""
+    dim = det.model.prompt_context.shape[-1]
+    noises = [RunNoise(args.seed + k, det.sample_num, dim) for k in range(args.seeds)]
+    indices = list(range(len(names)))
+
+    def step(count: int) -> None:
+        features, tokens = det.encode_images(images)
+        for run_noise in noises[:count]:
+            det.forward_features(features, tokens, names, run_noise.batch(names, indices))
+
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            step(args.seeds)
+        for _ in range(args.iters):
+            with timer("one seed"):
+                step(1)
+            with timer("seeds"):
+                step(args.seeds)
+    return timer.median("one seed"), timer.median("seeds")
 
 
 def report(args: argparse.Namespace, device: torch.device, result: dict) -> None:
@@ -136,6 +167,10 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
           f"{sequences * positions} = {100 * sequences * positions / plain:.1f}% of "
           f"{2 * args.prompt_num * args.sample_num} x 77 (class names of the batch: "
           f"{', '.join(sorted(set(result['names'])))})")
+    if "seeds" in result:
+        one, many = result["seeds"]
+        print(f"{args.seeds} seeds sharing the image tower: {many / b:.3f} s per image against "
+              f"{one / b:.3f} s for one seed = {many / one:.2f}x (test.py --seeds)")
     if "diff" in result:
         score, amap = result["diff"]
         print(f"{args.precision} vs fp32, same inputs and noise: max abs difference "

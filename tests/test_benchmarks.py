@@ -34,6 +34,11 @@ def test_inference_tiny_fp32(capsys):
     assert "12 sequences x 15 positions" in capsys.readouterr().out
 
 
+def test_inference_seeds_share_the_image_tower(capsys):
+    assert inference.main(TINY + ["--sample_num", "2", "--seeds", "3"]) == 0
+    assert "3 seeds sharing the image tower" in capsys.readouterr().out
+
+
 def test_inference_tiny_bf16_compares_with_fp32(capsys):
     assert inference.main(TINY + ["--sample_num", "1", "--precision", "bf16"]) == 0
     out = capsys.readouterr().out

@@ -20,5 +20,9 @@ def test_demo_learns_on_unseen_categories(tmp_path, capsys):
     assert set(res["classes"]) == set(demo.UNSEEN_CLASSES)
     assert not set(res["classes"]) & set(demo.TRAIN_CLASSES)
     assert res["mean"]["auroc_px"] > 0.58
+    assert res["seeds"] == [333, 334, 335] and res["mean_std"]["auroc_px"] >= 0
+    assert "±" in printed
+    for seed in res["seeds"]:
+        assert (tmp_path / "results" / f"seed{seed}_results_demo_eval.json").is_file()
     # only the files it shows: no per-epoch checkpoints, no resumable state
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["best.pth", "train.log"]
