@@ -19,3 +19,15 @@ def tiny_files(tmp_path_factory):
 def tiny(tiny_files):
     """(clip, model in eval mode) built from ``tiny_files``; one pair per test module."""
     return load_tiny(tiny_files)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """Three synthetic classes of 32 px images (2 good + 2 anomalous each), dataset "synth";
+    "pill" validates the training tests."""
+    from dataset.synthetic import write_standard
+
+    root = str(tmp_path_factory.mktemp("synth"))
+    write_standard(root, name="synth", size=32, classes=["wood", "pill", "mesh"], n_train=0,
+                   n_test_good=2, n_test_anomaly=2)
+    return root

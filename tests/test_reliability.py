@@ -17,11 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synth"))
-    write_standard(root, name="synth", size=32, classes=["wood", "pill", "mesh"], n_train=0,
-                   n_test_good=2, n_test_anomaly=2)
-    return root
+def synth(synth_root):
+    return synth_root
 
 
 def run(args, cwd=ROOT, **kwargs):
@@ -393,8 +390,6 @@ def test_metrics_benchmark_bad_n_is_one_line():
 
 
 def test_a_corrupt_image_under_workers_is_the_same_line(tiny_files, tmp_path):
-    from PIL import Image  # noqa: F401
-
     write_standard(str(tmp_path / "d"), name="x", size=32, classes=["pill"], n_train=0,
                    n_test_good=2, n_test_anomaly=2)
     bad = sorted(glob.glob(str(tmp_path / "d" / "x" / "pill" / "test" / "good" / "*.bmp")))[0]

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from dataset.data import AnomalyDataset, collate, make_loader
-from dataset.synthetic import write_standard
 from models import BayesPFL, load_clip
 from utils.checkpoint import load_checkpoint
 from utils.training import (Trainer, TrainConfig, TrainingError, ValidationResult,
@@ -26,15 +25,6 @@ from utils.training import (Trainer, TrainConfig, TrainingError, ValidationResul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [1, 2, 3, 4]
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    """Three synthetic classes of 32 px images (2 good + 2 anomalous each); "pill" validates."""
-    root = str(tmp_path_factory.mktemp("synth"))
-    write_standard(root, name="synth", size=32, classes=["wood", "pill", "mesh"], n_train=0,
-                   n_test_good=2, n_test_anomaly=2)
-    return root
 
 
 def make_config(save_path, synth_root, clip_path, **overrides) -> TrainConfig:
