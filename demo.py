@@ -39,7 +39,7 @@ from models.errors import SettingsError, UserError
 from models.random_clip import make_clip_state_dict
 from utils.evaluate import evaluate_runs
 from utils.provenance import data_record, provenance
-from utils.results import over_seeds, write_results
+from utils.results import make_output_folder, over_seeds, write_results, write_text
 from utils.cli import Parser, fail
 from utils.misc import set_seed, setup_logging
 from utils.training import TrainConfig, train
@@ -96,21 +96,14 @@ def check_args(args: argparse.Namespace) -> None:
 def claim_output(out: str) -> None:
     """Make ``out`` the demo's: the folders it writes (data, train, results) are replaced only
     when an earlier demo run wrote them (its marker file is there); anything else is refused."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SettingsError(f"--out {out} is a file, not a folder: choose another --out")
     ours = os.path.isfile(os.path.join(out, DEMO_MARKER))
     present = [f for f in DEMO_FOLDERS if os.path.exists(os.path.join(out, f))]
     if present and not ours:
         raise SettingsError(f"--out {out} already holds {', '.join(present)} that the demo did not "
                             f"write: choose another --out (the demo replaces only its own files)")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, DEMO_MARKER), "w") as handle:
-            handle.write("written by demo.py: data/, train/ and results/ are replaced by the "
-                         "next demo run\n")
-    except OSError as error:
-        raise SettingsError(f"cannot write into --out {out} ({error.strerror or error}): choose "
-                            f"another --out") from None
+    make_output_folder(out, "--out")
+    write_text(os.path.join(out, DEMO_MARKER), "written by demo.py: data/, train/ and results/ "
+                                                "are replaced by the next demo run\n")
     for folder in present:
         shutil.rmtree(os.path.join(out, folder))
 

@@ -58,3 +58,17 @@ def find_dir(root: Path, name: str) -> Optional[Path]:
         return root / name
     matches = [d for d in list_dirs(root) if d.lower() == name.lower()]
     return root / matches[0] if len(matches) == 1 else None
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` in one step: a hidden ``.<name>.partial`` beside it, then a
+    rename, so an interruption leaves the previous file (OSErrors are the caller's)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

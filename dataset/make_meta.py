@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,7 +33,7 @@ if __package__ in (None, "") and importlib.util.find_spec("dataset") is None:   
 from dataset.errors import DatasetError
 from PIL import Image
 
-from dataset.files import find_dir, list_dirs, list_files
+from dataset.files import find_dir, list_dirs, list_files, write_text_atomic
 from dataset.registry import REGISTRY, dataset_info
 
 DEFAULT_DATA_ROOT = Path("dataset") / "mvisa" / "data"
@@ -147,14 +146,7 @@ def write_meta(data_root, name: str, meta: Optional[Dict] = None) -> Path:
     path = data_root / f"meta_{name}.json"
     if path.is_dir():
         raise DatasetError(f"{path} is a folder: move it away so the meta file can be written.")
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with open(partial, "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=4)
-            handle.write("\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(meta, indent=4) + "\n")
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Sequence
 
@@ -88,7 +89,7 @@ class AnomalyDetector:
             raise SettingsError(f"{checkpoint_path} was trained on CLIP {spec.backbone} (recorded "
                                 f"in the file) but {clip_path} is {clip.geometry.name}: pass "
                                 f"the CLIP file it was trained with")
-        spec = ModelSpec.from_dict({**spec.to_dict(), "backbone": clip.geometry.name})
+        spec = dataclasses.replace(spec, backbone=clip.geometry.name)
         model = BayesPFL.from_clip(clip, **spec.bayes_pfl_kwargs())
         load_state(model, checkpoint.state_dict, checkpoint_path)
         model.eval()

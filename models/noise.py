@@ -12,9 +12,6 @@ import zlib
 import numpy as np
 import torch
 
-KINDS = ("context", "normal", "abnormal")
-
-
 def standard_noise(sample_num: int, batch: int, dim: int, seed: int | None = None,
                    generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -60,8 +57,9 @@ def _generator(*entropy: int) -> torch.Generator:
 class RunNoise:
     """The draws of one evaluation run from its seed, image by image: the image-agnostic
     (normal, abnormal) draws once for the run, the image-specific draws of each image from
-    (seed, class, index of the image within its class). A class's results are therefore the
-    same whatever other classes are evaluated, in any order and at any batch size."""
+    (seed, class, index of the image within its class). A class's draws are therefore the
+    same whatever other classes are evaluated, in any order and at any batch size (its results
+    too, bit for bit at the same batch composition, to float rounding otherwise)."""
 
     def __init__(self, seed: int, sample_num: int, dim: int):
         self.seed, self.sample_num, self.dim = int(seed), sample_num, dim

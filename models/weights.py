@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import warnings
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,15 @@ def require_clip_file(path: str | os.PathLike) -> None:
         raise WeightsError(_missing_file_message(os.fspath(path)))
 
 
-def sha256_of(path: str, chunk: int = 1 << 22) -> str:
+def sha256_of(path: str) -> str:
+    """The SHA-256 of a file, computed once per version of the file (path, size, mtime): the
+    checksum check, the archive fallback and the provenance of results share it."""
+    info = os.stat(path)
+    return _sha256(os.path.abspath(path), info.st_size, info.st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

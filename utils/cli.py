@@ -4,6 +4,7 @@ runtime settings (device, precision), and the one way a script reports a user er
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -37,7 +38,7 @@ def positive_int(text: str) -> int:
 def finite_float(text: str) -> float:
     """A finite number (argparse type): "nan" and "inf" are refused."""
     value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
 

@@ -22,17 +22,9 @@ from models.weights import sha256_of
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_of(path)
-
-
 def file_sha256(path: str | None) -> str | None:
     """The SHA-256 of a file (computed once per file version), None when there is none."""
-    if not path or not os.path.isfile(path):
-        return None
-    info = os.stat(path)
-    return _sha256(os.path.abspath(path), info.st_size, info.st_mtime_ns)
+    return sha256_of(path) if path and os.path.isfile(path) else None
 
 
 @lru_cache(maxsize=None)

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from dataset.files import write_text_atomic
 from models.errors import UserError
 from utils.protocol import COLUMNS, mean_row_of, summarise
 
@@ -20,15 +21,9 @@ class OutputError(UserError, OSError):
 
 def write_text(path: str, text: str) -> None:
     """``text`` into ``path`` atomically; an OSError becomes one OutputError line."""
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OutputError(f"cannot write {path} ({error.strerror or error}): free some space "
                           f"or choose another output folder") from None
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 from dataset.locks import folder_lock
+from utils.results import make_output_folder
 
 from .config import TrainingError
 
@@ -26,29 +26,12 @@ def run_files(save_path: str) -> list[str]:
     return found + sorted(glob.glob(os.path.join(glob.escape(save_path), "epoch_post_*.pth")))
 
 
-def make_folder(path: str, what: str = "--save_path") -> None:
-    """Create the output folder ``path`` or fail with one line saying why."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TrainingError(f"{what} {path} is a file, not a folder: choose another {what}")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise TrainingError(f"cannot create the folder {path} ({error.strerror or error}): "
-                            f"choose another {what}") from None
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise TrainingError(f"cannot write into the folder {path} ({error.strerror or error}): "
-                            f"choose another {what}") from None
-
-
 @contextmanager
 def claimed(save_path: str, resume: bool, overwrite: bool) -> Iterator[None]:
     """Hold the run folder for the body: create it, lock it, remove temporary files a killed
     run left, and refuse a folder that holds a run unless ``resume`` (continue it) or
     ``overwrite`` (its files are deleted first)."""
-    make_folder(save_path)
+    make_output_folder(save_path)
     with folder_lock(Path(save_path) / LOCK_FILE,
                      f"Run folder {save_path} is being written by another train.py",
                      "no training runs in it", TrainingError):
