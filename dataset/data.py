@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from dataset.augment import augment_rgb
 from dataset.errors import DatasetError
 from dataset.registry import REGISTRY, dataset_info
-from dataset.transforms import (CLIP_MEAN, CLIP_STD, binary_mask, preprocess_image,
-                                preprocess_mask, read_image, read_mask, rgb_array)
+from dataset.transforms import (CLIP_MEAN, CLIP_STD, ImageReadError, binary_mask,
+                                preprocess_image, preprocess_mask, read_image, read_mask,
+                                rgb_array)
 
 # Kept for code that imports them from here; the registry is the source.
 CLASSIFICATION_ONLY = frozenset(n for n, i in REGISTRY.items() if i.classification_only)
@@ -262,11 +263,17 @@ class AnomalyDataset(Dataset):
         normal samples and classification-only data). A mask whose size differs from its
         image's is an error naming both files."""
         sample = self.samples[index]
-        image = read_image(sample["img_path"])
+        try:
+            image = read_image(sample["img_path"])
+        except ImageReadError as error:   # in a dataset, an unreadable file is a dataset error
+            raise DatasetError(str(error)) from None
         if not self._has_mask(sample):
             return image, None
         path = self._mask_file(sample)
-        mask = read_mask(path)
+        try:
+            mask = read_mask(path)
+        except ImageReadError as error:
+            raise DatasetError(str(error)) from None
         if mask.size != image.size:
             raise DatasetError(
                 f"Mask {path} is {mask.size[0]} x {mask.size[1]} but its image "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Sequence
 
 import torch
@@ -12,14 +13,19 @@ import torch.nn.functional as F
 from .bayes_pfl import BayesPFL, FlowSamples, Samples
 from .checkpoint import load_state, open_checkpoint
 from .weights import load_clip, require_clip_file
-from .errors import SettingsError
+from .errors import InputError, SettingsError
+from .fewshot import DEFAULT_CHUNK_ELEMENTS, ReferenceBank, fewshot_map
+from .imaging import preprocess
 from .noise import official_order_noise
 from .precision import autocast
 from .spec import ModelSpec, check_layers, resolve_spec
 
 log = logging.getLogger(__name__)
 # What ``predict`` returns (when computed).
-PREDICTED = ("image_score", "anomaly_map", "image_score_std", "anomaly_map_std", "score_std")
+PREDICTED = ("image_score", "anomaly_map", "image_score_std", "anomaly_map_std", "score_std",
+             "fewshot_map")
+# Reference images encoded per image-tower call when a bank is built.
+REFERENCE_BATCH = 8
 
 
 class AnomalyDetector:
@@ -34,7 +40,7 @@ class AnomalyDetector:
 
     def __init__(self, clip, model: BayesPFL, image_size: int = 518, sample_num: int = 10,
                  stage: int = 2, layers: Sequence[int] = (6, 12, 18, 24),
-                 precision: str = "fp32", map_chunk: int = 8):
+                 precision: str = "fp32", map_chunk: int = 8, fewshot_weight: float = 1.0):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, not {stage!r}")
         if len(layers) != model.num_layers:
@@ -52,6 +58,9 @@ class AnomalyDetector:
         self.layers = list(layers)
         self.precision = precision
         self.map_chunk = map_chunk
+        # the anomaly map with references: zero-shot map + fewshot_weight * few-shot map
+        self.fewshot_weight = float(fewshot_weight)
+        self.fewshot_chunk = DEFAULT_CHUNK_ELEMENTS   # similarity block bound (elements)
         self._states: tuple[FlowSamples, FlowSamples] | None = None
         # the settings the detector was built with, when known (``from_files`` sets them)
         self.spec: ModelSpec | None = None
@@ -120,7 +129,8 @@ class AnomalyDetector:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | str,
                 noise: dict[str, torch.Tensor] | None = None, return_std: bool = False,
-                topk: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                topk: Sequence[int] | None = None, references: ReferenceBank | None = None
+                ) -> dict[str, torch.Tensor]:
         """images [B, 3, S, S] (preprocessed) -> {"image_score": [B], "anomaly_map": [B, S, S]}
         (maps unsmoothed). ``noise``: {"context": [R, B, D], "normal": [R, 1, D],
         "abnormal": [R, 1, D]} standard-normal draws used instead of the RNG (the state
@@ -130,9 +140,64 @@ class AnomalyDetector:
         per-sample map (the mean over the N prompts and the layers, as the mean map is built,
         before smoothing) and of the per-sample image score: ``anomaly_map_std`` [B, S, S],
         ``image_score_std`` [B]. With ``topk`` (one k per image) also ``score_std`` [B], the
-        spread of the per-sample score 0.5 (image score + mean of the k largest map values)."""
-        out = self.forward(images, class_names, noise, return_std, topk)
+        spread of the per-sample score 0.5 (image score + mean of the k largest map values).
+
+        ``references`` (a bank from :meth:`reference_bank`): also ``fewshot_map`` [B, S, S]
+        (unsmoothed), and ``anomaly_map`` is the zero-shot map plus ``fewshot_weight`` times
+        it (the image score stays the text score)."""
+        out = self.forward(images, class_names, noise, return_std, topk, references)
         return {k: v for k, v in out.items() if k in PREDICTED}
+
+    @torch.no_grad()
+    def reference_bank(self, images, chunk: int = REFERENCE_BATCH) -> ReferenceBank:
+        """The memory bank of K good reference images: a preprocessed [K, 3, S, S] batch, or
+        a sequence of paths, PIL images or arrays (read by range, ``models.imaging``) or
+        preprocessed [3, S, S] tensors. The image tower runs ``chunk`` images at a time."""
+        paths: tuple[str, ...] = ()
+        if isinstance(images, torch.Tensor):
+            batch = self.check_images(images, "the reference batch")
+        else:
+            if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
+                images = [images]
+            images = list(images)
+            if not images:
+                raise InputError("no reference images: give at least one good image")
+            if all(isinstance(im, (str, os.PathLike)) for im in images):
+                paths = tuple(os.fspath(im) for im in images)
+            batch = torch.stack([
+                self.check_images(im[None], "a reference tensor")[0] if isinstance(
+                    im, torch.Tensor) else preprocess(im, self.image_size) for im in images])
+        if batch.shape[0] == 0:
+            raise InputError("no reference images: give at least one good image")
+        parts: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for start in range(0, batch.shape[0], chunk):
+            _, tokens = self.encode_images(batch[start:start + chunk].to(self.device))
+            for layer, t in enumerate(tokens):
+                parts[layer].append(t)                                  # [k, G*G, V]
+        return ReferenceBank.from_tokens([torch.cat(p) for p in parts], self.layers,
+                                         self.image_size, paths)
+
+    def check_images(self, images, what: str = "the images") -> torch.Tensor:
+        """``images`` if it is a preprocessed batch this detector takes (a finite floating
+        tensor [B, 3, S, S], B >= 1), else one InputError saying what it is."""
+        s = self.image_size
+        if not isinstance(images, torch.Tensor):
+            raise InputError(f"{what} must be a preprocessed float tensor [B, 3, {s}, {s}], not "
+                             f"a {type(images).__name__}: use utils.inference.predict_images "
+                             f"for paths, PIL images and arrays")
+        shape = list(images.shape)
+        if not images.is_floating_point():
+            raise InputError(f"{what} are a {images.dtype} tensor {shape}: AnomalyDetector.predict "
+                             f"takes preprocessed float batches (models.imaging.preprocess, or "
+                             f"utils.inference.predict_images for raw images)")
+        if images.dim() != 4 or images.shape[1] != 3 or shape[2:] != [s, s]:
+            hint = " (add the batch axis: images[None])" if images.dim() == 3 else ""
+            raise InputError(f"{what} have the shape {shape}: expected [B, 3, {s}, {s}]{hint}")
+        if images.shape[0] == 0:
+            raise InputError(f"{what} are an empty batch: give at least one image")
+        if not torch.isfinite(images).all():
+            raise InputError(f"{what} hold NaN or infinite values")
+        return images
 
     # --------------------------------------------------------------------------------------
     # The stages of one forward (the benchmarks time them one by one)
@@ -177,14 +242,16 @@ class AnomalyDetector:
         return image, self.model.pixel_logits(tokens, text)
 
     def score(self, image_logits: torch.Tensor, pixel_logits: list[torch.Tensor],
-              return_std: bool = False, topk: Sequence[int] | None = None
-              ) -> dict[str, torch.Tensor]:
+              return_std: bool = False, topk: Sequence[int] | None = None,
+              offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Mean abnormal probability over the prompt pairs: ``image_score`` [B] and, over
         layers too, the upsampled ``anomaly_map`` [B, S, S] (see :meth:`predict` for the
         spreads). A 2-way softmax is the sigmoid of the difference and bilinear upsampling is
         linear, so each pair's difference is upsampled once. The maps are built sample by
         sample (pairs are sample-major): the spread of the per-sample maps is a running
-        (Welford) sum, without holding the R per-sample maps."""
+        (Welford) sum, without holding the R per-sample maps. ``offset`` [B, S, S] (the
+        weighted few-shot map) is added to the map and to every per-sample map (so the
+        per-sample scores of ``score_std`` see it; the spread of the maps does not change)."""
         pairs = image_logits.shape[1] // 2                                  # N R
         n = self.model.prompt_num
         samples, layers = pairs // n, len(pixel_logits)
@@ -214,48 +281,86 @@ class AnomalyDetector:
                 mean += delta / (r + 1)
                 m2 += delta * (sample_map - mean)
                 if topk is not None:
-                    flat = sample_map.flatten(1)
+                    flat = (sample_map if offset is None else sample_map + offset).flatten(1)
                     top = torch.stack([flat[i].topk(min(k, flat.shape[1])).values.mean()
                                        for i, k in enumerate(topk)])
                     fused.append(0.5 * (sample_scores[:, r] + top))
         out["anomaly_map"] = total / (pairs * layers)
+        if offset is not None:
+            out["anomaly_map"] = out["anomaly_map"] + offset
         if return_std:
             out["anomaly_map_std"] = (m2 / samples).clamp(min=0).sqrt()
             if topk is not None:
                 out["score_std"] = torch.stack(fused, 1).std(1, correction=0)
         return out
 
+    def fewshot(self, tokens: list[torch.Tensor], references: ReferenceBank) -> torch.Tensor:
+        """The few-shot map [B, S, S] of layer tokens [B, G*G, V] against a bank made by this
+        detector's image tower (its layers and image size; checked)."""
+        if tuple(references.layers) != tuple(self.layers) \
+                or references.image_size != self.image_size:
+            raise SettingsError(f"the reference bank was made from layers "
+                                f"{list(references.layers)} at {references.image_size} px, this "
+                                f"detector uses layers {self.layers} at {self.image_size} px: "
+                                f"build it with this detector's reference_bank()")
+        bank = references if references.device == tokens[0].device else references.to(
+            tokens[0].device)
+        return fewshot_map(tokens, bank, self.image_size, self.fewshot_chunk)
+
     @torch.no_grad()
     def forward_features(self, features: torch.Tensor, tokens: list[torch.Tensor],
                          class_names: Sequence[str], noise: dict[str, torch.Tensor] | None = None,
-                         return_std: bool = False, topk: Sequence[int] | None = None
-                         ) -> dict[str, torch.Tensor]:
+                         return_std: bool = False, topk: Sequence[int] | None = None,
+                         references: ReferenceBank | None = None,
+                         fewshot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything after the frozen image tower, from its outputs (global features [B, D],
         layer tokens [B, G*G, V]): the scores, maps (and spreads) and the text embeddings. The
         image tower's outputs do not depend on the prompt samples, so several runs (seeds)
-        over the same images can share one image-tower pass."""
+        over the same images can share one image-tower pass; ``fewshot`` (the few-shot map of
+        these images against ``references``, [B, S, S]) can likewise be computed once for
+        them and passed here instead of ``references``."""
+        if fewshot is None and references is not None:
+            fewshot = self.fewshot(tokens, references)
         samples = self.draw_samples(features, noise)
         text = self.encode_text(samples, class_names)                       # [B, 2NR, D]
         image_logits, pixel_logits = self.head_logits(features, tokens, text)
-        return {**self.score(image_logits, pixel_logits, return_std, topk),
-                "text_embeddings": text}
+        offset = None if fewshot is None else self.fewshot_weight * fewshot
+        out = self.score(image_logits, pixel_logits, return_std, topk, offset)
+        if fewshot is not None:
+            out["fewshot_map"] = fewshot
+        return {**out, "text_embeddings": text}
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, class_names: Sequence[str] | str,
                 noise: dict[str, torch.Tensor] | None = None, return_std: bool = False,
-                topk: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                topk: Sequence[int] | None = None, references: ReferenceBank | None = None
+                ) -> dict[str, torch.Tensor]:
         """``predict`` plus the intermediates: image features, layer tokens, text
         embeddings."""
-        images = images.to(self.device, non_blocking=True)
+        images = self.check_images(images)
         class_names = self.class_names_of(class_names, images.shape[0])
+        if references is not None and not isinstance(references, ReferenceBank):
+            raise InputError(f"references must be a bank from AnomalyDetector.reference_bank(), "
+                             f"not a {type(references).__name__}")
+        images = images.to(self.device, non_blocking=True)
         features, tokens = self.encode_images(images)
-        out = self.forward_features(features, tokens, class_names, noise, return_std, topk)
+        out = self.forward_features(features, tokens, class_names, noise, return_std, topk,
+                                    references)
         return {**out, "global": features, "tokens": tokens}
 
     @staticmethod
     def class_names_of(class_names: Sequence[str] | str, batch: int) -> list[str]:
-        """One class name per image (a single name is repeated)."""
-        names = [class_names] * batch if isinstance(class_names, str) else list(class_names)
+        """One class name per image (a single name is repeated); each a non-empty string."""
+        if isinstance(class_names, str):
+            names = [class_names] * batch
+        elif isinstance(class_names, (list, tuple)):
+            names = list(class_names)
+        else:
+            raise InputError(f"the class name must be a string (or one per image), not "
+                             f"{class_names!r}")
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                raise InputError(f"a class name must be a non-empty string, not {name!r}")
         if len(names) != batch:
-            raise ValueError(f"{len(names)} class names for {batch} images")
+            raise InputError(f"{len(names)} class names for {batch} images")
         return names

@@ -28,3 +28,8 @@ class WeightsError(UserError, RuntimeError):
 
 class SettingsError(UserError, ValueError):
     """Settings that cannot work together (flags against a checkpoint, bad values)."""
+
+
+class InputError(UserError, ValueError):
+    """Images given to the API or a script that cannot be scored (no image, an unreadable file,
+    an array or tensor of a shape, type or range that is not an image)."""

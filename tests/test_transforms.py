@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dataset.data import AnomalyDataset
+from models.errors import InputError
 from dataset.transforms import (CLIP_MEAN, CLIP_STD, ImageReadError, preprocess_image,
                                 read_image, to_pil_image)
 
@@ -92,9 +93,10 @@ def test_unreadable_files_and_bad_arrays_are_one_line(tmp_path):
     with pytest.raises(ImageReadError) as error:
         read_image(broken)
     assert str(broken) in str(error.value) and "\n" not in str(error.value)
-    with pytest.raises(ImageReadError, match="H, W"):
+    with pytest.raises(InputError, match="H, W"):
         to_pil_image(np.zeros((2, 3, 5)))
-    assert to_pil_image(np.zeros((4, 5), np.uint16)).mode == "I;16"
+    grey16 = to_pil_image(np.full((4, 5), 257 * 200, np.uint16))     # read by range: / 257
+    assert grey16.mode == "L" and grey16.getpixel((0, 0)) == 200
     assert to_pil_image(np.ones((4, 5, 3), np.float32)).getpixel((0, 0)) == (255, 255, 255)
 
 
