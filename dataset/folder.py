@@ -456,7 +456,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     words.add_argument("--wording", type=_wording_pair, action="append", default=None,
                        metavar="FOLDER=WORDS",
                        help="the words of one class in the prompts (repeatable); default: the "
-                            "folder name, '_' read as a space")
+                            "official wording of the name, else the folder name with '_' read "
+                            "as a space")
     parser.add_argument("--n_train", type=int, default=0,
                         help="move this many normal test images of each class to the train "
                              "split (default: %(default)s)")

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dataset.folder as folder_module
 from dataset.data import AnomalyDataset
 from dataset.folder import folder_meta, main
 from dataset.synthetic import generate_raw
+from models.errors import SettingsError
 from tests.clip_factory import TINY_LAYERS
 from utils.training import TrainConfig, train
 
@@ -306,6 +308,12 @@ def test_class_name_and_wording(raw, tmp_path, capsys):
     assert code == 1 and err == ["dataset.folder: --wording names no class folder bolt; the "
                                  "classes are metal_nut, my_part, pcb1."]
     assert not (root / "meta_x.json").exists()
+    code, _, err = run(capsys, root, "--dataset", "x", "--class_name", " ")
+    assert code == 1 and err == ["dataset.folder: The prompt words of class metal_nut are empty: "
+                                 "pass some words."]
+    with pytest.raises(SettingsError, match="^--class_name and --wording both set"):
+        folder_meta(root, "x", class_name="a", wording={"pcb1": "b"})
+    assert not (root / "meta_x.json").exists()
     with pytest.raises(SystemExit):                  # argparse: one or the other
         main([str(root), "--dataset", "x", "--class_name", "a", "--wording", "pcb1=b"])
     with pytest.raises(SystemExit):
@@ -550,3 +558,31 @@ def test_train_py_uses_a_folder_as_auxiliary_data(raw, tmp_path, tiny_files, cap
         features_list=TINY_LAYERS, image_size=32, batch_size=4, val_batch_size=4, epochs=1,
         sample_num=2, num_workers=0, device="cpu", verify_weights=False))
     assert result.model.wording == {"pill": "round tablet", "wood": "wood"}
+
+
+def test_write_and_read_failures_are_one_line(raw, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "part"
+    flatten(raw / "pill", root)
+    (root / "meta_part.json").mkdir()
+    code, _, err = run(capsys, root, "--dataset", "part")
+    assert code == 1 and err == [f"dataset.folder: {root / 'meta_part.json'} is a folder: move "
+                                 f"it away so the meta file can be written."]
+    (root / "meta_part.json").rmdir()
+
+    def full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folder_module, "write_text_atomic", full)
+    code, _, err = run(capsys, root, "--dataset", "part")
+    assert code == 1 and err == [f"dataset.folder: Cannot write the meta file "
+                                 f"{root / 'meta_part.json'} (No space left on device): make "
+                                 f"{root} writable, or free some space."]
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(folder_module, "list_dirs", denied)
+    code, _, err = run(capsys, root, "--dataset", "part")
+    assert code == 1 and err == [f"dataset.folder: Cannot read {root} (Permission denied): "
+                                 f"check its permissions."]
+    assert not (root / "meta_part.json").exists()
