@@ -4,28 +4,39 @@
         --checkpoint_path ./bayes_weight/train_visa.pth --save_path ./results/mvtec
 
 Prints the per-class table (and its mean row), writes results_<dataset>.csv / .json, a log
-file and, unless --no_vis, the pictures under <save_path>/imgs/<class>/<specie>/.
+file and, unless --no_vis, the pictures under <save_path>/imgs/<class>/<specie>/. A rerun into
+the same --save_path replaces the earlier run's files of that dataset; while a run goes on its
+results are results_<dataset>.incomplete.csv / .json (a run that is stopped leaves them so).
+--k_shot K adds K good train images per class as few-shot references.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
+import shutil
 import sys
 import time
 
 import torch
 
 from dataset.data import AnomalyDataset, make_loader
+from dataset.locks import folder_lock
 from dataset.registry import dataset_info
+from dataset.shots import draw_references
 from models import AnomalyDetector
 from models.errors import UserError
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, default_workers,
-                       model_request, positive_int)
-from utils.evaluate import evaluate_runs
+                       interrupt_on_sigterm, model_request, non_negative_float, positive_int)
+from utils.evaluate import evaluate_runs, reference_banks
 from utils.provenance import class_counts, data_record, provenance
-from utils.results import make_output_folder, over_seeds, write_results
+from utils.results import OutputError, make_output_folder, over_seeds, write_results
 from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
+
+LOCK_FILE = ".test.lock"
+INCOMPLETE = ".incomplete"        # the result files of a run that has not finished
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -67,12 +78,23 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--pro", default="exact", choices=["exact", "official", "off"],
                    help="pixel AUPRO: exact, the official 200-threshold approximation, or off")
     p.add_argument("--classes", nargs="+", default=None, help="evaluate these classes only")
+    p.add_argument("--k_shot", type=positive_int, default=None,
+                   help="few-shot: K good reference images per class, drawn from the class's "
+                        "train split (never the test split), added as a memory bank of patch "
+                        "features; not the paper's zero-shot protocol")
+    p.add_argument("--shot_seeds", type=int, nargs="+", default=[0],
+                   help="with --k_shot: the seeds of the reference draws; every figure is "
+                        "reported as mean ± std over them (and over --seeds)")
+    p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
+                   help="with --k_shot: the anomaly map is the zero-shot map plus this times "
+                        "the few-shot map")
     p.add_argument("--no_progress", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    interrupt_on_sigterm()
     logger = setup_logging(None)          # the console only, until every input is checked
     try:
         device = resolve_device(args.device, args.device_id)
@@ -81,74 +103,161 @@ def main(argv=None) -> int:
             args.pretrained_path, args.checkpoint_path, device=device,
             sample_num=args.sample_num, precision=args.precision, verify=not args.no_verify,
             **model_request(args))
+        detector.fewshot_weight = args.fewshot_weight
         dataset = AnomalyDataset(args.data_path, args.dataset, mode="test",
                                  image_size=detector.image_size, class_names=args.classes)
-        detector.model.wording = dict(dataset_info(args.dataset).wording)
+        # the registry's prompt wording, then the meta file's (a folder dataset's words)
+        detector.model.wording = {**dataset_info(args.dataset).wording, **dataset.wording}
+        seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+        shot_seeds = list(dict.fromkeys(args.shot_seeds)) if args.k_shot else []
+        drawn = (draw_references(args.data_path, args.dataset, dataset.class_names,
+                                 args.k_shot, shot_seeds) if args.k_shot else None)
         make_output_folder(args.save_path)
     except UserError as e:
         logger.error("%s", e)
         return 1
-    logger = setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"))
+    try:
+        with folder_lock(os.path.join(args.save_path, LOCK_FILE),
+                         f"--save_path {args.save_path} is being written by another test.py",
+                         "no test.py is running", OutputError):
+            return evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device)
+    except UserError as e:
+        logging.getLogger("bayes_pfl").error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        logging.getLogger("bayes_pfl").error(
+            "interrupted: the classes evaluated so far are in %s (marked incomplete); rerun to "
+            "replace them", os.path.join(args.save_path, f"results_{args.dataset}"
+                                         f"{INCOMPLETE}.json"))
+        return 130
+
+
+def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device) -> int:
+    """The evaluation proper, with --save_path locked: the previous run's outputs of this
+    dataset replaced, results written class by class as incomplete files, renamed to the
+    final ones once every class is in."""
+    replaced = clear_previous_outputs(args.save_path, args.dataset, dataset.class_names)
+    logger = setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"), mode="w")
+    if replaced:
+        logger.info("replaced the previous run's outputs: %s", ", ".join(replaced))
     logger.info("arguments: %s", vars(args))
     logger.info("checkpoint %s (stage %d), %d test images, device %s, precision %s",
                 args.checkpoint_path, detector.stage, len(dataset), device, args.precision)
-    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    if drawn is not None:
+        logger.info("few-shot: %d reference images per class from the train split, shot seeds "
+                    "%s, few-shot weight %g", args.k_shot, shot_seeds, detector.fewshot_weight)
     set_seed(seeds[0])
     loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False,
                          num_workers=args.num_workers, seed=seeds[0])
     vis_dir = None if args.no_vis else os.path.join(args.save_path, "imgs")
-    settings = {**vars(args), "seeds": seeds, "stage": detector.stage,
-                "model_spec": detector.spec.to_dict()}
+    settings = {**vars(args), "seeds": seeds, "shot_seeds": shot_seeds, "stage": detector.stage,
+                "model_spec": detector.spec.to_dict(), "fewshot_weight": detector.fewshot_weight}
     data = [data_record(args.data_path, args.dataset, class_counts(dataset.samples))]
-    runs: dict[int, dict] = {seed: {} for seed in seeds}
+    extra = {} if drawn is None else {"references": {
+        "k_shot": args.k_shot, "from": "the train split", "fewshot_weight": detector.fewshot_weight,
+        "paths": {str(shot): per_class for shot, per_class in drawn.items()}}}
+    runs: dict = {}
     start = time.time()
 
-    def save(name: str, rows: dict) -> None:     # each class's results before its pictures
-        for seed, row in rows.items():
-            runs[seed][name] = row
-        write_all(args, runs, settings, provenance(
-            settings, args.pretrained_path, args.checkpoint_path, data, device, args.precision,
-            start))
+    def record() -> dict:
+        return provenance(settings, args.pretrained_path, args.checkpoint_path, data, device,
+                          args.precision, start)
 
+    def save(name: str, rows: dict) -> None:     # each class's results before its pictures
+        for key, row in rows.items():
+            runs.setdefault(key, {})[name] = row
+        write_all(args, runs, settings, {**extra, "provenance": record()},
+                  pending=[c for c in dataset.class_names if c not in next(iter(runs.values()))])
+
+    banks = None if drawn is None else reference_banks(detector, dataset, drawn)
     try:
         evaluate_runs(detector, loader, args.dataset, seeds, pro=args.pro, vis_dir=vis_dir,
                       progress=not args.no_progress, logger=logger, on_class=save,
-                      save_uncertainty=args.save_uncertainty)
-        tables = write_all(args, runs, settings, provenance(
-            settings, args.pretrained_path, args.checkpoint_path, data, device, args.precision,
-            start))
-    except UserError as e:
-        logger.error("%s", e)
-        return 1
-    for seed, table in tables.items():
-        if seed is not None:
-            log_to_files(logger, f"results of {args.dataset}, seed {seed}:\n{table}")
+                      save_uncertainty=args.save_uncertainty, references=banks)
+    except BaseException:
+        if runs and len(next(iter(runs.values()))) == len(dataset.class_names):
+            # every class's results are in (a picture failed): they are complete
+            write_all(args, runs, settings, {**extra, "provenance": record()}, pending=[])
+        raise
+    tables = write_all(args, runs, settings, {**extra, "provenance": record()}, pending=[])
+    for key, table in tables.items():
+        if key is not None:
+            log_to_files(logger, f"results of {args.dataset}, {run_label(key)}:\n{table}")
     print(tables[None])
+    over = "seeds" if drawn is None else "runs (seed, shot seed)"
     log_to_files(logger, f"results of {args.dataset}"
-                 + (f" (mean ± std over seeds {seeds})" if len(seeds) > 1 else "")
+                 + (f" (mean ± std over the {over} {list(runs)})" if len(runs) > 1 else "")
                  + f":\n{tables[None]}")
     logger.info("done in %.1f s; results in %s", time.time() - start, args.save_path)
     return 0
 
 
-def write_all(args, runs: dict, settings: dict, record: dict) -> dict:
-    """``results_<dataset>``: the single run, or mean ± std over the seeds beside each seed's
-    ``seed<k>_results_<dataset>``. Returns the tables: {None: the main one, seed: each}."""
-    seeds = list(runs)
-    if len(seeds) == 1:
-        table, _ = write_results(runs[seeds[0]], args.save_path, args.dataset, settings,
-                                 extra={"seeds": seeds, "provenance": record})
-        return {None: table}
-    tables = {}
-    for seed in seeds:
-        tables[seed], _ = write_results(runs[seed], args.save_path, args.dataset,
-                                        {**settings, "seed": seed},
-                                        name=f"seed{seed}_results_{args.dataset}",
-                                        extra={"seeds": [seed], "provenance": record})
-    summary = over_seeds(runs)
-    tables[None], _ = write_results(summary["classes"], args.save_path, args.dataset, settings,
-                                    summary["std"], summary["mean"], summary["mean_std"],
-                                    extra={"seeds": seeds, "provenance": record})
+def run_label(key) -> str:
+    return f"seed {key[0]}, shot seed {key[1]}" if isinstance(key, tuple) else f"seed {key}"
+
+
+def run_name(key, dataset: str) -> str:
+    if isinstance(key, tuple):
+        return f"seed{key[0]}_shot{key[1]}_results_{dataset}"
+    return f"seed{key}_results_{dataset}"
+
+
+def clear_previous_outputs(save_path: str, dataset: str, classes) -> list[str]:
+    """Remove what an earlier test.py run of ``dataset`` wrote into ``save_path`` (its result
+    files, complete or incomplete, its log and the pictures of the classes evaluated now), so
+    that this run's files never mix with an older run's. Returns what was removed."""
+    removed = []
+    pattern = re.compile(rf"^(seed-?\d+_(shot-?\d+_)?)?results_{re.escape(dataset)}"
+                         rf"({re.escape(INCOMPLETE)})?\.(csv|json)$")
+    for name in sorted(os.listdir(save_path)):
+        if pattern.match(name) or name == f"test_{dataset}.log":
+            os.remove(os.path.join(save_path, name))
+            removed.append(name)
+    for name in classes:
+        pictures = os.path.join(save_path, "imgs", name)
+        if os.path.isdir(pictures):
+            shutil.rmtree(pictures)
+            removed.append(f"imgs/{name}/")
+    return removed
+
+
+def write_all(args, runs: dict, settings: dict, extra: dict, pending: list[str]) -> dict:
+    """``results_<dataset>``: the single run, or mean ± std over the runs (seeds, or (seed,
+    shot seed) pairs) beside each run's own files. While classes are ``pending`` the files are
+    ``...<INCOMPLETE>.csv/json`` (status "incomplete", the classes still to come listed); the
+    complete files replace them. Returns the tables: {None: the main one, run: each}."""
+    keys = list(runs)
+    suffix = INCOMPLETE if pending else ""
+    status = {"status": "incomplete" if pending else "complete", "classes_pending": pending}
+    names = [f"results_{args.dataset}"] + ([run_name(k, args.dataset) for k in keys]
+                                           if len(keys) > 1 else [])
+    if len(keys) == 1:
+        table, _ = write_results(runs[keys[0]], args.save_path, args.dataset, settings,
+                                 name=names[0] + suffix,
+                                 extra={"seeds": settings["seeds"], **extra, **status})
+        tables = {None: table}
+    else:
+        tables = {}
+        for key in keys:
+            seed, shot = key if isinstance(key, tuple) else (key, None)
+            tables[key], _ = write_results(
+                runs[key], args.save_path, args.dataset,
+                {**settings, "seed": seed, **({} if shot is None else {"shot_seed": shot})},
+                name=run_name(key, args.dataset) + suffix,
+                extra={"seeds": [seed], **extra, **status})
+        summary = over_seeds(runs)
+        tables[None], _ = write_results(summary["classes"], args.save_path, args.dataset,
+                                        settings, summary["std"], summary["mean"],
+                                        summary["mean_std"], name=names[0] + suffix,
+                                        extra={"seeds": settings["seeds"],
+                                               "runs": [list(k) if isinstance(k, tuple) else k
+                                                        for k in keys], **extra, **status})
+    if not pending:                   # complete: the incomplete files are gone
+        for name in names:
+            for ext in (".csv", ".json"):
+                path = os.path.join(args.save_path, name + INCOMPLETE + ext)
+                if os.path.exists(path):
+                    os.remove(path)
     return tables
 
 

@@ -38,8 +38,9 @@ from dataset.augment import augment_rgb
 from dataset.errors import DatasetError
 from dataset.registry import REGISTRY, dataset_info
 from dataset.transforms import (CLIP_MEAN, CLIP_STD, ImageReadError, binary_mask,
-                                preprocess_image, preprocess_mask, read_image, read_mask,
-                                rgb_array)
+                                is_high_bit_depth, preprocess_image, preprocess_mask, read_image,
+                                read_mask, rgb_array, to_8bit)
+from models.errors import InputError
 
 # Kept for code that imports them from here; the registry is the source.
 CLASSIFICATION_ONLY = frozenset(n for n, i in REGISTRY.items() if i.classification_only)
@@ -120,13 +121,16 @@ class AnomalyDataset(Dataset):
         augment: ``None`` (mode default) or a bool: the official augmentation.
         mosaic_prob: ``None`` (mode default) or the probability of replacing a sample by a
             2 x 2 mosaic of anomalous images of its class.
-        classification_only: ``None`` (the registry's: HeadCT, BrainMRI, Br35H) or a bool; when true,
-            masks are never read and every mask is zero.
+        classification_only: ``None`` (the registry's: HeadCT, BrainMRI, Br35H; for a dataset
+            the registry does not know, the meta file's ``info["classification_only"]``) or a
+            bool; when true, masks are never read and every mask is zero.
         seed: seed of the per-sample random draws (with the epoch and the sample index).
 
     Items are dicts: ``image`` float32 [3, S, S], ``mask`` float32 [1, S, S] in {0, 1},
     ``label`` int (0 normal, 1 anomalous), ``cls_name``, ``img_path`` (joined with root),
-    ``specie_name``. Classes come in sorted order; within a class the meta file's order is kept.
+    ``specie_name``, ``high_bit_depth`` (1 for a file of more than 8 bits read officially).
+    Classes come in sorted order; within a class the meta file's order is kept. ``info`` is the meta file's ``info`` dict (written by dataset/folder.py; {} otherwise) and
+    ``wording`` its prompt words by class ({} without it).
 
     The augmentation expects three-channel images, as the official code (which fails on
     others); a training image of another mode (grey, palette, RGBA, 16-bit) is converted to
@@ -153,10 +157,6 @@ class AnomalyDataset(Dataset):
         self.dataset_name = dataset_name
         self.mode = mode
         self.image_size = int(image_size)
-        self.classification_only = (
-            dataset_info(dataset_name).classification_only if classification_only is None
-            else bool(classification_only)
-        )
         self.augment = mode == "train" if augment is None else bool(augment)
         if mosaic_prob is None:           # the registry's, when training on the dataset
             mosaic_prob = dataset_info(dataset_name).mosaic_prob if mode == "train" else 0.0
@@ -167,7 +167,17 @@ class AnomalyDataset(Dataset):
         self.epoch = 0
 
         self.meta_file = meta_path(self.root, dataset_name)
-        test_split = load_meta(self.root, dataset_name)["test"]
+        meta = load_meta(self.root, dataset_name)
+        test_split = meta["test"]
+        # what dataset/folder.py records beside the splits ({} in the other meta files)
+        info = meta.get("info")
+        self.info: dict = info if isinstance(info, dict) else {}
+        self.wording: dict[str, str] = dict(self.info.get("wording") or {})
+        if classification_only is None:   # the registry's, else the meta file's
+            classification_only = (dataset_info(dataset_name).classification_only
+                                   if dataset_name in REGISTRY
+                                   else self.info.get("classification_only", False))
+        self.classification_only = bool(classification_only)
         available = sorted(test_split)
         if class_names is None:
             selected = available
@@ -258,15 +268,33 @@ class AnomalyDataset(Dataset):
             )
         return path
 
+    @property
+    def reading(self) -> str:
+        """How images of more than 8 bits are read (``models.imaging``): "official" for the
+        project's datasets (as the official code), "range" for a user's folder dataset
+        (dataset/folder.py: mapped to 8 bits by their range)."""
+        return "range" if self.info.get("source") == "dataset.folder" else "official"
+
+    def read_file(self, path: str) -> Image.Image:
+        """An image file of this dataset as read for it (its own mode, or mapped to 8 bits by
+        range for folder datasets); an unreadable file is a DatasetError."""
+        try:
+            image = read_image(path)
+            return to_8bit(image, f"image {path}") if self.reading == "range" else image
+        except InputError as error:   # in a dataset, an unreadable file is a dataset error
+            raise DatasetError(str(error)) from None
+
+    def input_of(self, path: str) -> torch.Tensor:
+        """The network input [3, S, S] of an image file read as this dataset's images are (the
+        few-shot references of test.py)."""
+        return preprocess_image(self.read_file(path), self.image_size)
+
     def read_sample(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         """The image of sample ``index`` as opened, and its full-size {0, 255} mask (None for
         normal samples and classification-only data). A mask whose size differs from its
         image's is an error naming both files."""
         sample = self.samples[index]
-        try:
-            image = read_image(sample["img_path"])
-        except ImageReadError as error:   # in a dataset, an unreadable file is a dataset error
-            raise DatasetError(str(error)) from None
+        image = self.read_file(sample["img_path"])
         if not self._has_mask(sample):
             return image, None
         path = self._mask_file(sample)
@@ -333,6 +361,8 @@ class AnomalyDataset(Dataset):
             "label": label,
             "img_path": img_path,
             "specie_name": specie_name,
+            # read officially although of more than 8 bits (counted in the evaluation log)
+            "high_bit_depth": int(is_high_bit_depth(image)),
         }
 
 

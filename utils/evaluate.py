@@ -3,12 +3,13 @@ pictures and result files. ``test.py`` and the demo call this."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from utils.results import OutputError, write_results
 from utils.visualize import four_panel, read_rgb, save_rgb
 
 __all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "evaluate_runs",
-           "iterate_classes", "iterate_runs", "write_results"]
+           "iterate_classes", "iterate_runs", "reference_banks", "write_results"]
 
 
 @dataclass
@@ -58,49 +59,98 @@ class _ClassBuffer:
             maps_std=np.concatenate(p["stds"]) if p["stds"] else None)
 
 
+RunKey = Hashable     # a sampling seed, or (sampling seed, shot seed) with references
+
+
+def _batch_fewshot(detector, tokens: list[torch.Tensor], names: list[str],
+                   banks: dict[str, dict]) -> dict:
+    """{shot seed: few-shot maps [B, S, S]} of a batch, each image against its own class's
+    bank (a batch can hold the end of one class and the start of the next)."""
+    out: dict = {}
+    for name in dict.fromkeys(names):
+        rows = [i for i, n in enumerate(names) if n == name]
+        sub = [t[rows] for t in tokens]
+        for shot, bank in banks[name].items():
+            fs = detector.fewshot(sub, bank)                               # [b, S, S]
+            if shot not in out:
+                out[shot] = fs.new_empty((len(names),) + fs.shape[1:])
+            out[shot][rows] = fs
+    return out
+
+
 def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool = True,
-                 desc: str = "test", leave: bool = True, return_std: bool = False
-                 ) -> Iterator[dict]:
+                 desc: str = "test", leave: bool = True, return_std: bool = False,
+                 references: Callable[[str], dict] | None = None,
+                 on_high_bit: Callable[[str, int], None] | None = None) -> Iterator[dict]:
     """Run the detector over a loader whose samples come class after class (as
-    ``AnomalyDataset`` orders them), once per seed, and yield {seed: ClassOutputs} for each
-    class once it is complete. The frozen image tower runs once per image for all seeds (its
-    output does not depend on them); each seed's outputs equal those of a run with it alone.
+    ``AnomalyDataset`` orders them), once per seed, and yield {run: ClassOutputs} for each
+    class once it is complete. The frozen image tower runs once per image for all runs (its
+    output does not depend on them); each run's outputs equal those of a run of it alone.
 
     A seed draws the prompt samples image by image (``models.noise.RunNoise``), so a class's
     outputs depend neither on the other classes nor on the batch size; the seed None: the
-    detector draws from the torch RNG. ``return_std``: the per-pixel spread too."""
+    detector draws from the torch RNG. ``return_std``: the per-pixel spread too.
+
+    ``references(class name) -> {shot seed: ReferenceBank}``: the few-shot mode; the runs are
+    then every (seed, shot seed) pair, a class's banks are built when its first image comes
+    and each image's few-shot map is computed once for all seeds. ``on_high_bit(class, n)``:
+    called for each class with the number of its files of more than 8 bits read officially."""
     dim = detector.model.prompt_context.shape[-1]
     noises = {s: None if s is None else RunNoise(s, detector.sample_num, dim) for s in seeds}
+    banks: dict[str, dict] = {}                     # class -> shot seed -> bank
+    keys: list | None = None if references else list(seeds)
     seen: dict[str, int] = {}                       # images of each class so far
-    current: dict | None = None                     # seed -> _ClassBuffer
+    high_bit: dict[str, int] = {}
+    current: dict | None = None                     # run -> _ClassBuffer
     bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress,
                dynamic_ncols=True, leave=leave)
+
+    def finish() -> dict:
+        name = next(iter(current.values())).name
+        if on_high_bit is not None:
+            on_high_bit(name, high_bit.pop(name, 0))
+        banks.pop(name, None)                       # the bank is not needed any more
+        return {k: b.finish() for k, b in current.items()}
+
     for batch in loader:
         names = list(batch["cls_name"])
+        flags = batch["high_bit_depth"].tolist() if "high_bit_depth" in batch else [0] * len(names)
         indices = []
-        for name in names:
+        for name, flag in zip(names, flags):
             indices.append(seen.get(name, 0))
             seen[name] = indices[-1] + 1
+            high_bit[name] = high_bit.get(name, 0) + int(flag)
         features, tokens = detector.encode_images(batch["image"].to(detector.device))
+        fewshot: dict = {}
+        if references is not None:
+            for name in dict.fromkeys(names):
+                if name not in banks:
+                    banks[name] = references(name)
+            fewshot = _batch_fewshot(detector, tokens, names, banks)
+            if keys is None:
+                keys = [(seed, shot) for seed in seeds for shot in fewshot]
         outs = {}
-        for seed, run_noise in noises.items():
+        for key in keys:
+            seed, shot = key if references is not None else (key, None)
+            run_noise = noises[seed]
             noise = None if run_noise is None else run_noise.batch(names, indices)
-            out = detector.forward_features(features, tokens, names, noise, return_std)
+            out = detector.forward_features(features, tokens, names, noise, return_std,
+                                            fewshot=fewshot.get(shot))
             # the one device -> host copy of the batch
-            outs[seed] = {k: out[k].float().cpu().numpy()
-                          for k in ("image_score", "anomaly_map", "anomaly_map_std") if k in out}
+            outs[key] = {k: out[k].float().cpu().numpy()
+                         for k in ("image_score", "anomaly_map", "anomaly_map_std") if k in out}
         masks = (batch["mask"][:, 0] > 0.5).numpy()
         for i, name in enumerate(names):
             if current is None or next(iter(current.values())).name != name:
                 if current is not None:
                     # the per-image pieces are dropped before the class is handed over, so
                     # that they do not stay alive while its metrics are computed
-                    finished, current = {s: b.finish() for s, b in current.items()}, None
+                    finished, current = finish(), None
                     yield finished
                     del finished
-                current = {seed: _ClassBuffer(name) for seed in seeds}
-            for seed, buffer in current.items():
-                out = outs[seed]
+                current = {key: _ClassBuffer(name) for key in keys}
+            for key, buffer in current.items():
+                out = outs[key]
                 buffer.add(labels=int(batch["label"][i]), masks=masks[i:i + 1],
                            scores=out["image_score"][i:i + 1], maps=out["anomaly_map"][i:i + 1],
                            paths=batch["img_path"][i], species=batch["specie_name"][i])
@@ -109,7 +159,7 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
         bar.update(len(names))
     bar.close()
     if current is not None:
-        finished, current = {s: b.finish() for s, b in current.items()}, None
+        finished, current = finish(), None
         yield finished
 
 
@@ -167,38 +217,61 @@ class PictureWriter:
             raise self._error
 
 
+def _run_label(key) -> str:
+    return f"seed {key[0]}, shot seed {key[1]}" if isinstance(key, tuple) else f"seed {key}"
+
+
 def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | None],
                   pro: str = "exact", vis_dir: str | None = None, progress: bool = True,
                   logger: logging.Logger | None = None,
                   on_class: Callable[[str, dict], None] | None = None,
-                  save_uncertainty: bool = False) -> dict:
-    """Per-class metrics of one dataset (SPEC §7) for each seed: {seed: {class: row}}, the
-    image tower shared by the seeds (:func:`iterate_runs`). ``on_class(name, {seed: row})``
-    gets each class's metrics before its pictures are written (test.py writes the result
-    files there, so that no failure while writing pictures loses them). Pictures (the first
-    seed's; with ``save_uncertainty`` a fifth panel of the per-pixel spread) go to
-    ``vis_dir`` when given."""
-    runs: dict = {seed: {} for seed in seeds}
+                  save_uncertainty: bool = False,
+                  references: Callable[[str], dict] | None = None) -> dict:
+    """Per-class metrics of one dataset (SPEC §7) for each run: {run: {class: row}}, the
+    image tower shared by the runs (:func:`iterate_runs`); a run is a seed, or with
+    ``references`` (class -> {shot seed: ReferenceBank}) a (seed, shot seed) pair.
+    ``on_class(name, {run: row})`` gets each class's metrics before its pictures are written
+    (test.py writes the result files there, so that no failure while writing pictures loses
+    them). Pictures (the first run's; with ``save_uncertainty`` a fifth panel of the per-pixel
+    spread) go to ``vis_dir`` when given.
+
+    Without ground truth (the loader's dataset ``classification_only``: the registry's
+    classification-only datasets, or a folder dataset without masks) the pixel metrics are
+    n/a; the registry's classification-only datasets also score images by the text score
+    alone (the official protocol), the others by the fused score."""
+    runs: dict = {}
     writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
-    masks_used = not is_classification_only(dataset_name)
+    text_only = is_classification_only(dataset_name)
+    masks_used = not getattr(loader.dataset, "classification_only", text_only)
+    log = logger or logging.getLogger(__name__)
+
+    def high_bit(name: str, count: int) -> None:
+        if count:
+            log.warning("%s: %d image file(s) of more than 8 bits per channel read as the "
+                        "official code reads them (Pillow's conversion to RGB clips 16-bit "
+                        "values at 255)", name, count)
+
     try:
-        for by_seed in iterate_runs(detector, loader, seeds, progress,
-                                    return_std=bool(writer) and save_uncertainty):
+        for by_run in iterate_runs(detector, loader, seeds, progress,
+                                   return_std=bool(writer) and save_uncertainty,
+                                   references=references, on_high_bit=high_bit):
             rows, first = {}, None
-            for seed, outputs in by_seed.items():
+            for key, outputs in by_run.items():
                 metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
-                                         outputs.text_scores, outputs.maps, outputs.name,
+                                         outputs.text_scores,
+                                         None if text_only else outputs.maps, outputs.name,
                                          dataset_name, pro=pro)
-                rows[seed] = runs[seed][outputs.name] = {k: metrics.get(k) for k in COLUMNS}
+                rows[key] = runs.setdefault(key, {})[outputs.name] = {
+                    k: metrics.get(k) for k in COLUMNS}
                 if logger:
                     logger.info("%s%s: %s", outputs.name,
-                                "" if len(seeds) == 1 else f" (seed {seed})", ", ".join(
-                                    f"{k} {v:.4f}" for k, v in rows[seed].items()
+                                "" if len(by_run) == 1 else f" ({_run_label(key)})", ", ".join(
+                                    f"{k} {v:.4f}" for k, v in rows[key].items()
                                     if v is not None))
                 if first is None:
-                    first = (outputs, metrics.get("smoothed_maps"), rows[seed])
+                    first = (outputs, metrics.get("smoothed_maps"), rows[key])
                 del metrics
-            name = next(iter(by_seed.values())).name
+            name = next(iter(by_run.values())).name
             if on_class:
                 on_class(name, rows)
             if writer:
@@ -208,7 +281,7 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                 writer.submit(outputs, smoothed, row.get("threshold"))
             # the next class is inferred without this one's arrays (the picture writer keeps
             # its own references until its pictures are written)
-            del by_seed, first
+            del by_run, first
     finally:
         if writer:
             writer.close()
@@ -228,3 +301,18 @@ def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",
 
     return evaluate_runs(detector, loader, dataset_name, [seed], pro, vis_dir, progress, logger,
                          one)[seed]
+
+
+def reference_banks(detector, dataset, drawn: dict) -> Callable[[str], dict]:
+    """The few-shot banks of test.py: ``drawn`` {shot seed: {class: reference paths}} (from
+    ``dataset.shots.draw_references``) -> a function class -> {shot seed: ReferenceBank},
+    each reference read as the dataset reads its images."""
+    def banks(name: str) -> dict:
+        out = {}
+        for shot, per_class in drawn.items():
+            images = torch.stack([dataset.input_of(path) for path in per_class[name]])
+            out[shot] = dataclasses.replace(detector.reference_bank(images),
+                                            paths=tuple(per_class[name]))
+        return out
+
+    return banks

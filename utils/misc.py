@@ -35,8 +35,10 @@ def resolve_device(device: str | None = None, device_id: int | None = None) -> t
 
 
 def setup_logging(log_file: str | None = None, level: int = logging.INFO,
-                  name: str = "bayes_pfl") -> logging.Logger:
-    """A logger writing to stderr and, when given, to ``log_file`` (appending)."""
+                  name: str = "bayes_pfl", mode: str = "a") -> logging.Logger:
+    """A logger writing to stderr and, when given, to ``log_file`` (appending; ``mode="w"``:
+    replacing an earlier run's log). The project packages' own log lines (models, dataset,
+    utils) go to the same places."""
     logger = logging.getLogger(name)
     logger.setLevel(level)
     logger.handlers.clear()
@@ -47,14 +49,15 @@ def setup_logging(log_file: str | None = None, level: int = logging.INFO,
     logger.addHandler(stream)
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = logging.FileHandler(log_file, mode=mode)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
-    # models' own log lines (e.g. the position-grid resize) go to the same places
-    models_log = logging.getLogger("models")
-    models_log.handlers = logger.handlers
-    models_log.setLevel(level)
-    models_log.propagate = False
+    # the packages' own log lines (e.g. the position-grid resize) go to the same places
+    for package in ("models", "dataset", "utils"):
+        package_log = logging.getLogger(package)
+        package_log.handlers = logger.handlers
+        package_log.setLevel(level)
+        package_log.propagate = False
     return logger
 
 
