@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -38,11 +37,12 @@ from typing import Sequence
 from models import AnomalyDetector
 from models.errors import InputError, SettingsError, UserError, WeightsError
 from dataset.registry import REGISTRY
-from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail, model_request,
-                       positive_int)
 from models.imaging import to_pil_image
-from utils.inference import (SCORE_DEFINITION, STD_SCALE, calibrate_threshold, decide,
-                             predict_images, save_overlay, write_outputs)
+from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
+                       interrupt_on_sigterm, model_request, non_negative_float, positive_int)
+from utils.inference import (DECISION_RULE, SCORE_DEFINITION, STD_SCALE, calibrate_threshold,
+                             decide, predict_images, references_of, save_overlay,
+                             write_outputs)
 from utils.misc import resolve_device, setup_logging
 from utils.provenance import provenance
 
@@ -62,6 +62,7 @@ OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
 FONTS = ["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "Menlo", "Consolas", "monospace"]
 TABLE_HEADERS = ["name", "score", "score_std", "verdict"]
+THRESHOLD_STEP = 1e-6
 UNITS_MB = 1024 * 1024
 
 
@@ -122,32 +123,25 @@ class Limits:
 class Scored:
     """A scored run, kept in the page's state so that a new threshold re-decides it."""
     folder: str                       # the run's files (overlays, CSV, JSON)
-    class_name: str
     rows: list[dict]                  # predict.py's rows, without decisions
     skipped: list[dict]               # {"path", "class_name", "error"}
     overlays: list[str]               # one file per row
-    spreads: list[str]                # one file per row (with uncertainty), else empty
-    references: list[str]             # names of the references used (few-shot), else empty
+    spreads: list[str]                # one file per row with uncertainty, else none
+    references: list[str]             # the references compared with (few-shot), else none
     settings: dict
     record: dict                      # provenance
-    calibration: dict | None = None   # the last "set from the references" record
-    writes: int = 0                   # CSV/JSON versions written (one folder each)
-    uncertainty: bool = False
     notes: list[str] = field(default_factory=list)
-
-
-def _name(path: str) -> str:
-    return os.path.basename(path)
+    writes: int = 0                   # versions of the CSV / JSON written (a folder each)
 
 
 def read_uploads(paths: Sequence[str], limits: Limits, exif_transpose: bool, what: str
                  ) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
-    """(name, 8-bit PIL image) of each readable upload through the one reader
-    (``models.imaging.to_pil_image``), and (name, one-line reason) of the others: over the
-    size limit, or not a readable image."""
+    """(file name, 8-bit PIL image) of each readable upload, read by the one reader
+    (``models.imaging.to_pil_image``), and (file name, one-line reason) of the others: over
+    the size limit, or not a readable image."""
     images, refused = [], []
     for path in paths:
-        name = _name(path)
+        name = os.path.basename(path)
         size = os.path.getsize(path) if os.path.isfile(path) else 0
         if size > limits.max_file_bytes:
             refused.append((name, f"{what} {name} is {size / UNITS_MB:.1f} MB, over the page's "
@@ -161,14 +155,13 @@ def read_uploads(paths: Sequence[str], limits: Limits, exif_transpose: bool, wha
     return images, refused
 
 
-def check_request(files: Sequence[str], class_name: str, references: Sequence[str],
+def check_request(class_name: str, groups: Sequence[tuple[str, Sequence[str]]],
                   limits: Limits) -> str:
-    """The class name stripped; an InputError (one line) for a request the page refuses."""
-    if not files:
-        raise InputError("no images: drop one or more image files on 'Images to inspect'")
+    """The class name stripped; one InputError for a request the page refuses (no class name,
+    more files in a group than ``limits.max_images``)."""
     if not class_name.strip():
         raise InputError("no class name: type the object's name (e.g. 'metal nut', 'bottle')")
-    for what, given in (("images", files), ("reference images", references)):
+    for what, given in groups:
         if len(given) > limits.max_images:
             raise InputError(f"{len(given)} {what}: the page takes at most {limits.max_images} "
                              f"per run (--max_images)")
@@ -176,7 +169,7 @@ def check_request(files: Sequence[str], class_name: str, references: Sequence[st
 
 
 class Inspector:
-    """The page's work, independent of Gradio: one detector (loaded once) and the settings."""
+    """The page's work, apart from Gradio: one detector (loaded once) and the settings."""
 
     def __init__(self, detector: AnomalyDetector, weights: Weights, settings: dict,
                  work_dir: str, limits: Limits, batch_size: int = 8,
@@ -189,111 +182,124 @@ class Inspector:
         self.batch_size = batch_size
         self.exif_transpose = exif_transpose
 
-    def _references(self, detector, paths: Sequence[str], notes: list[str]):
-        """(names, PIL images) of the readable references; the unreadable ones noted."""
+    def _read_references(self, paths: Sequence[str], notes: list[str]):
+        """(names, PIL images) of the readable references; the others noted, and one
+        InputError when none can be read."""
         images, refused = read_uploads(paths, self.limits, self.exif_transpose,
                                        "reference image")
         notes.extend(f"reference skipped: {reason}" for _, reason in refused)
+        if paths and not images:
+            raise InputError("none of the reference images could be read: " + "; ".join(
+                reason for _, reason in refused))
         return [n for n, _ in images], [im for _, im in images]
 
     def score(self, files: Sequence[str], class_name: str, references: Sequence[str],
-              sample_num: int, seed: int, uncertainty: bool) -> Scored:
-        """Read and score the uploads (unreadable ones listed with their reason), draw their
-        overlays; returns the run without decisions."""
+              few_shot: bool, sample_num: int, seed: int, uncertainty: bool) -> Scored:
+        """Read and score the uploads with ``predict_images`` (the unreadable ones listed with
+        their reason; ``few_shot``: compared with the readable references), draw the overlays;
+        returns the run without decisions."""
         started = time.time()
-        class_name = check_request(files, class_name, references, self.limits)
-        detector = with_sample_num(self.detector, sample_num)
+        if not files:
+            raise InputError("no images: drop one or more image files on 'Images to inspect'")
+        class_name = check_request(class_name, [("images", files), ("reference images",
+                                                                    references)], self.limits)
         notes: list[str] = []
-        ref_names, ref_images = self._references(detector, references, notes)
-        if references and not ref_images:
-            raise InputError("none of the reference images could be read: "
-                             + "; ".join(notes))
+        ref_names, ref_images = self._read_references(references if few_shot else [], notes)
+        detector = with_sample_num(self.detector, sample_num)
+        bank = references_of(detector, ref_images) if ref_images else None
         images, refused = read_uploads(files, self.limits, self.exif_transpose, "image")
-        skipped = [{"path": n, "class_name": class_name, "error": r} for n, r in refused]
-        folder = os.path.join(self.work_dir, "runs", uuid.uuid4().hex[:12])
-        run = Scored(folder, class_name, [], skipped, [], [], ref_names, {}, {},
-                     uncertainty=uncertainty, notes=notes)
-        if images:
-            results = predict_images(detector, [im for _, im in images], class_name,
-                                     batch_size=self.batch_size, seed=seed,
-                                     return_std=uncertainty)
-            for k, ((name, image), res) in enumerate(zip(images, results)):
-                stem = f"{k:03d}_{os.path.splitext(name)[0]}.png"
-                run.overlays.append(os.path.join(folder, "overlays", stem))
-                save_overlay(run.overlays[-1], image, res["anomaly_map"])
-                row = {"path": name, "class_name": class_name, "score": res["score"],
-                       "text_score": res["text_score"], "map_score": res["map_score"],
-                       "overlay": None, "width": image.width, "height": image.height}
-                if uncertainty:
-                    run.spreads.append(os.path.join(folder, "uncertainty", stem))
-                    save_overlay(run.spreads[-1], image, res["anomaly_map_std"], vmax=STD_SCALE)
-                    row.update(score_std=res["score_std"], uncertainty_overlay=None)
-                run.rows.append(row)
+        run = Scored(os.path.join(self.work_dir, "runs", uuid.uuid4().hex[:12]), [],
+                     [{"path": n, "class_name": class_name, "error": r} for n, r in refused],
+                     [], [], ref_names, {}, {}, notes)
+        results = predict_images(detector, [im for _, im in images], class_name,
+                                 batch_size=self.batch_size, seed=seed, return_std=uncertainty,
+                                 references=bank) if images else []
+        for k, ((name, image), res) in enumerate(zip(images, results)):
+            file_name = f"{k:03d}_{os.path.splitext(name)[0]}.png"
+            run.overlays.append(os.path.join(run.folder, "overlays", file_name))
+            save_overlay(run.overlays[-1], image, res["anomaly_map"])
+            row = {"path": name, "class_name": class_name, "score": res["score"],
+                   "text_score": res["text_score"], "map_score": res["map_score"],
+                   "overlay": None, "width": image.width, "height": image.height}
+            if uncertainty:
+                run.spreads.append(os.path.join(run.folder, "uncertainty", file_name))
+                save_overlay(run.spreads[-1], image, res["anomaly_map_std"], vmax=STD_SCALE)
+                row.update(score_std=res["score_std"], uncertainty_overlay=None)
+            run.rows.append(row)
         run.settings = {**self.settings, "class_name": class_name, "sample_num": sample_num,
-                        "seed": seed, "uncertainty": uncertainty, "references": ref_names,
-                        "stage": self.detector.stage}
+                        "seed": seed, "uncertainty": uncertainty, "stage": detector.stage}
         run.record = provenance(run.settings, self.weights.clip, self.weights.checkpoint,
-                                device=self.detector.device,
-                                precision=self.settings.get("precision"), started=started)
+                                device=detector.device, precision=detector.precision,
+                                started=started)
         log.info("scored %d images of class '%s' (R = %d, seed %d, %s)%s", len(run.rows),
                  class_name, sample_num, seed,
-                 f"{len(ref_names)} references" if ref_names else "zero-shot",
-                 f", {len(skipped)} skipped" if skipped else "")
+                 f"few-shot, K = {len(ref_names)}" if ref_names else "zero-shot",
+                 f", {len(run.skipped)} skipped" if run.skipped else "")
         return run
 
-    def calibrate(self, references: Sequence[str], class_name: str, sample_num: int,
-                  seed: int, percentile: float) -> dict:
-        """The threshold record of predict.py --calibrate on the reference images: the
-        ``percentile`` of their scores with the same settings."""
-        class_name = check_request(references or [""], class_name, references, self.limits)
+    def calibrate(self, references: Sequence[str], class_name: str, few_shot: bool,
+                  sample_num: int, seed: int, percentile: float) -> dict:
+        """predict.py's threshold record of --calibrate on the reference images: the
+        ``percentile`` of their scores with the page's settings. ``few_shot``: each reference
+        is scored against the others (leave one out: compared with itself, its few-shot map
+        would be 0 and the threshold too low), so at least two are needed."""
         if not references:
             raise InputError("no reference images: drop good images on 'Good reference "
                              "images' to set the threshold from their scores")
-        detector = with_sample_num(self.detector, sample_num)
+        class_name = check_request(class_name, [("reference images", references)], self.limits)
         notes: list[str] = []
-        names, images = self._references(detector, references, notes)
-        if not images:
-            raise InputError("none of the reference images could be read: " + "; ".join(notes))
-        scores = [r["score"] for r in predict_images(detector, images, class_name,
-                                                     batch_size=self.batch_size, seed=seed)]
-        value = calibrate_threshold(scores, percentile)
-        return {"method": "calibrated", "value": value,
-                "calibration": {"directory": "the page's reference images",
-                                "images": names, "n_images": len(scores),
+        names, images = self._read_references(references, notes)
+        detector = with_sample_num(self.detector, sample_num)
+        if not few_shot:
+            scores = [r["score"] for r in predict_images(detector, images, class_name,
+                                                         batch_size=self.batch_size, seed=seed)]
+        elif len(images) < 2:
+            raise InputError("setting the threshold in the few-shot mode needs at least 2 "
+                             "readable reference images: each is scored against the others")
+        else:
+            scores = [predict_images(detector, [image], class_name, seed=seed,
+                                     references=images[:k] + images[k + 1:])[0]["score"]
+                      for k, image in enumerate(images)]
+        return {"method": "calibrated", "value": calibrate_threshold(scores, percentile),
+                "rule": DECISION_RULE,
+                "calibration": {"directory": None, "images": names, "n_images": len(scores),
                                 "percentile": percentile, "class_names": [class_name],
-                                "score_min": float(min(scores)),
-                                "score_max": float(max(scores)),
-                                "skipped": notes}}
+                                "leave_one_out": few_shot, "score_min": float(min(scores)),
+                                "score_max": float(max(scores)), "skipped": notes}}
 
 
-def threshold_record(run: Scored, threshold: float) -> dict:
-    """predict.py's threshold record: the calibrated one while the slider holds its value,
-    else a fixed threshold."""
-    if run.calibration is not None and math.isclose(run.calibration["value"], threshold,
-                                                    rel_tol=0, abs_tol=1e-9):
-        return run.calibration
-    return {"method": "fixed", "value": float(threshold)}
+def threshold_record(threshold: float, calibration: dict | None) -> dict:
+    """predict.py's threshold record: ``calibration`` (set from the references) while the
+    slider holds its value (to the slider's step), else a fixed threshold."""
+    if calibration is not None and abs(calibration["value"] - threshold) <= THRESHOLD_STEP / 2:
+        return calibration
+    return {"method": "fixed", "value": float(threshold), "rule": DECISION_RULE}
 
 
-def decided(run: Scored, threshold: float) -> tuple[list[dict], dict, tuple[str, str]]:
-    """(rows with their decisions, what predict.py's predictions.json would hold, (CSV, JSON)
-    paths of a new version of the files) at ``threshold``."""
-    chosen = threshold_record(run, threshold)
+def decided(run: Scored, threshold: float, calibration: dict | None = None
+            ) -> tuple[list[dict], tuple[str, str]]:
+    """(the rows with their decisions at ``threshold``, the (CSV, JSON) paths of a new
+    version of predict.py's files holding them)."""
+    chosen = threshold_record(threshold, calibration)
     rows = [{**row, "decision": decide(row["score"], chosen["value"])} for row in run.rows]
-    result = {"threshold": chosen,
+    result = {"status": "complete", "threshold": chosen,
               "summary": {"n_images": len(rows),
                           "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
-                          "n_skipped": len(run.skipped)},
-              "score": SCORE_DEFINITION, "settings": run.settings, "predictions": rows,
-              "skipped": run.skipped, "provenance": run.record}
+                          "n_skipped": len(run.skipped), "n_not_scored": 0},
+              "score": SCORE_DEFINITION,
+              "references": {"n_images": len(run.references), "paths": run.references,
+                             "fewshot_weight": run.settings.get("fewshot_weight")}
+              if run.references else None,
+              "settings": run.settings, "predictions": rows, "skipped": run.skipped,
+              "provenance": run.record}
     run.writes += 1
     folder = os.path.join(run.folder, f"files{run.writes}")
     os.makedirs(folder, exist_ok=True)
-    return rows, result, write_outputs(folder, result)
+    return rows, write_outputs(folder, result)
 
 
 def table_rows(rows: Sequence[dict], skipped: Sequence[dict]) -> list[list[str]]:
-    """The page's table: name, score, score_std, verdict (skipped files last)."""
+    """The page's table: name, score, score_std, verdict (the skipped files last)."""
     def fmt(value):
         return "" if value is None else f"{value:.6f}"
     return ([[r["path"], fmt(r["score"]), fmt(r.get("score_std")), r["decision"]] for r in rows]
@@ -301,7 +307,7 @@ def table_rows(rows: Sequence[dict], skipped: Sequence[dict]) -> list[list[str]]
 
 
 def captions(rows: Sequence[dict]) -> list[str]:
-    """One caption per overlay: name, score (and its spread), verdict."""
+    """One caption per overlay: name, score (± its spread), verdict."""
     out = []
     for r in rows:
         spread = f" ± {r['score_std']:.4f}" if r.get("score_std") is not None else ""
@@ -309,36 +315,39 @@ def captions(rows: Sequence[dict]) -> list[str]:
     return out
 
 
-def messages_html(run: Scored | None, errors: Sequence[str] = ()) -> str:
-    """The page's message box: one line per skipped file or refused request."""
-    lines = list(errors)
+def messages_html(run: Scored | None, lines: Sequence[str] = ()) -> str:
+    """The page's message box: what was scored, one line per skipped file, then ``lines``."""
+    said = []
     if run is not None:
-        lines += [s["error"] for s in run.skipped] + run.notes
         mode = (f"few-shot, K = {len(run.references)} reference images" if run.references
-                else "zero-shot (no reference images)")
-        lines.insert(0, f"{len(run.rows)} images scored ({mode})"
-                        + (f", {len(run.skipped)} skipped" if run.skipped else ""))
-    return "".join(f'<p class="message">{html.escape(line)}</p>' for line in lines)
+                else "zero-shot")
+        said.append(f"{len(run.rows)} images scored ({mode})"
+                    + (f", {len(run.skipped)} skipped" if run.skipped else ""))
+        said += [s["error"] for s in run.skipped] + run.notes
+    said += list(lines)
+    return "".join(f'<p class="message">{html.escape(line)}</p>' for line in said)
 
 
-def shots_text(references: Sequence[str] | None) -> str:
-    """The mode the references give: K shown."""
+def shots_text(references: Sequence[str] | None, few_shot: bool) -> str:
+    """The mode the references give, K shown."""
     k = len(references or [])
-    return f"**few-shot: K = {k}**" if k else "**zero-shot** (no reference images)"
+    if not k:
+        return "**zero-shot** (no reference images)"
+    if few_shot:
+        return f"**few-shot: K = {k}** reference images"
+    return f"**zero-shot**: the {k} reference images only set the threshold"
 
 
 def weights_text(weights: Weights, detector: AnomalyDetector) -> str:
-    """What the page runs on, one line (random-weight demo files said as such)."""
-    spec = detector.spec.to_dict() if detector.spec is not None else {}
-    size = spec.get("image_size", detector.image_size)
+    """What the page runs on, one line (the demo's random-weight files said as such)."""
     layers = " ".join(map(str, detector.layers))
     if weights.demo:
         return (f"Running on the demo's **random-weight** files ({weights.clip}, "
-                f"{weights.checkpoint}; {size} px, layers {layers}): they show the page, not "
-                f"real accuracy. For real weights see pretrained_weight/README.md and "
+                f"{weights.checkpoint}; {detector.image_size} px, layers {layers}): they show "
+                f"the page, not real accuracy. Real weights: pretrained_weight/README.md and "
                 f"bayes_weight/README.md.")
-    return (f"Weights: {weights.clip}, {weights.checkpoint} ({size} px, layers {layers}, "
-            f"stage {detector.stage}).")
+    return (f"Weights: {weights.clip}, {weights.checkpoint} ({detector.image_size} px, layers "
+            f"{layers}, stage {detector.stage}).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,94 +362,100 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
     with gr.Blocks(title="Bayes-PFL inspection", analytics_enabled=False) as page:
         gr.Markdown("## Bayes-PFL inspection page\n"
                     + weights_text(inspector.weights, inspector.detector), elem_id="weights")
-        run_state = gr.State(None)
+        run_state = gr.State(None)              # the last Scored run
+        calibration_state = gr.State(None)      # the last threshold set from the references
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Images to inspect", file_count="multiple",
-                                type="filepath", height=150, elem_id="images")
+                                type="filepath", height=140, elem_id="images")
                 class_name = gr.Dropdown(choices=class_suggestions(), value=None,
                                          allow_custom_value=True, label="Class name",
-                                         info="the object's name as put in the prompts",
+                                         info="the object's name, as put in the prompts",
                                          elem_id="class_name")
-                references = gr.File(label="Good reference images (optional: few-shot)",
-                                     file_count="multiple", type="filepath", height=150,
+                references = gr.File(label="Good reference images (optional)",
+                                     file_count="multiple", type="filepath", height=140,
                                      elem_id="references")
-                shots = gr.Markdown(shots_text(None), elem_id="shots")
+                with gr.Row():
+                    few_shot = gr.Checkbox(value=True, label="Few-shot: compare with them",
+                                           elem_id="few_shot")
+                    shots = gr.Markdown(shots_text(None, True), elem_id="shots")
                 with gr.Row():
                     samples = gr.Number(value=sample_num, precision=0, minimum=1,
                                         label="Samples R", elem_id="samples")
                     seed_box = gr.Number(value=seed, precision=0, label="Seed",
                                          elem_id="seed")
-                uncertainty = gr.Checkbox(value=False, label="Uncertainty (spread maps)",
-                                          elem_id="uncertainty")
+                    uncertainty = gr.Checkbox(value=False, label="Uncertainty (spread maps)",
+                                              elem_id="uncertainty")
                 score_button = gr.Button("Score", variant="primary", elem_id="score")
             with gr.Column(scale=2):
                 messages = gr.HTML("", elem_id="messages")
-                with gr.Row():
-                    threshold = gr.Slider(0.0, 1.0, value=0.5, step=1e-6, label="Threshold",
-                                          info="verdict 'anomalous' when score >= threshold",
+                with gr.Row(equal_height=True):
+                    threshold = gr.Slider(0.0, 1.0, value=0.5, step=THRESHOLD_STEP,
+                                          label="Threshold", info=DECISION_RULE,
                                           elem_id="threshold", scale=3)
                     percentile = gr.Number(value=100.0, minimum=0, maximum=100,
                                            label="Percentile", elem_id="percentile", scale=1)
                     calibrate_button = gr.Button("Set from the references' scores",
                                                  elem_id="calibrate", scale=1)
-                overlays = gr.Gallery(label="Heat maps (probability 0..1)", columns=4,
-                                      height=320, object_fit="contain", format="png",
-                                      elem_id="overlays", interactive=False)
-                spreads = gr.Gallery(label=f"Spread over the samples (0..{STD_SCALE})",
-                                     columns=4, height=320, object_fit="contain", format="png",
+                overlays = gr.Gallery(label="Heat maps (probability, 0 blue .. 1 red)",
+                                      columns=4, height=300, object_fit="contain",
+                                      format="png", elem_id="overlays", interactive=False)
+                spreads = gr.Gallery(label=f"Spread over the samples (0 .. {STD_SCALE})",
+                                     columns=4, height=300, object_fit="contain", format="png",
                                      elem_id="spreads", visible=False, interactive=False)
                 table = gr.Dataframe(headers=TABLE_HEADERS, value=None, interactive=False,
                                      elem_id="table", label="All images")
-                downloads = gr.File(label="predictions.csv / predictions.json",
+                downloads = gr.File(label="predictions.csv, predictions.json",
                                     file_count="multiple", interactive=False,
                                     elem_id="downloads")
 
-        def show(run: Scored, value: float):
-            rows, _, (csv_path, json_path) = decided(run, value)
+        def show(run: Scored, value: float, calibration: dict | None):
+            rows, files_written = decided(run, value, calibration)
             names = captions(rows)
             return (list(zip(run.overlays, names)),
-                    gr.update(value=list(zip(run.spreads, names)), visible=run.uncertainty),
-                    table_rows(rows, run.skipped), [csv_path, json_path])
+                    gr.update(value=list(zip(run.spreads, names)), visible=bool(run.spreads)),
+                    table_rows(rows, run.skipped), list(files_written))
 
-        def on_score(paths, name, refs, r, s, spread, value):
+        def slider_range(scores: Sequence[float]):
+            return gr.update(maximum=max(1.0, math.ceil(max(scores, default=0.0) * 10) / 10))
+
+        def on_score(paths, name, refs, compare, r, s, spread, value, calibration):
             try:
-                run = inspector.score(paths or [], name or "", refs or [], int(r), int(s),
-                                      bool(spread))
+                run = inspector.score(paths or [], name or "", refs or [], bool(compare),
+                                      int(r), int(s), bool(spread))
             except UserError as error:
                 return (None, messages_html(None, [str(error)]), [], gr.update(visible=False),
                         None, None, gr.update())
-            top = max([1.0] + [row["score"] for row in run.rows])
-            return (run, messages_html(run), *show(run, value),
-                    gr.update(maximum=math.ceil(top * 10) / 10))
+            return (run, messages_html(run), *show(run, value, calibration),
+                    slider_range([row["score"] for row in run.rows] + [value]))
 
-        def on_threshold(run, value):
+        def on_threshold(run, value, calibration):
             if run is None:
                 return gr.update(), gr.update(), gr.update(), gr.update()
-            return show(run, value)
+            return show(run, value, calibration)
 
-        def on_calibrate(run, refs, name, r, s, pct):
+        def on_calibrate(run, refs, name, compare, r, s, pct):
             try:
-                chosen = inspector.calibrate(refs or [], name or "", int(r), int(s), float(pct))
+                chosen = inspector.calibrate(refs or [], name or "", bool(compare), int(r),
+                                             int(s), float(pct))
             except (UserError, ValueError) as error:
-                return run, messages_html(run, [str(error)]), gr.update()
-            if run is not None:
-                run.calibration = chosen
-            line = (f"threshold {chosen['value']:.6f}: percentile {pct:g} of the scores of "
-                    f"{chosen['calibration']['n_images']} reference images")
-            top = max(1.0, chosen["value"])
-            return (run, messages_html(run, [line]),
-                    gr.update(value=chosen["value"], maximum=math.ceil(top * 10) / 10))
+                return gr.update(), messages_html(run, [str(error)]), gr.update()
+            said = (f"threshold {chosen['value']:.6f}: percentile {pct:g} of the scores of "
+                    f"{chosen['calibration']['n_images']} reference images"
+                    + (" (each against the others)" if compare else ""))
+            return (chosen, messages_html(run, [said]),
+                    gr.update(value=chosen["value"], **slider_range([chosen["value"]])))
 
-        references.change(lambda refs: shots_text(refs), references, shots)
-        score_button.click(on_score, [files, class_name, references, samples, seed_box,
-                                      uncertainty, threshold],
+        for trigger in (references.change, few_shot.change):
+            trigger(shots_text, [references, few_shot], shots)
+        score_button.click(on_score, [files, class_name, references, few_shot, samples,
+                                      seed_box, uncertainty, threshold, calibration_state],
                            [run_state, messages, overlays, spreads, table, downloads, threshold])
-        threshold.change(on_threshold, [run_state, threshold],
+        threshold.change(on_threshold, [run_state, threshold, calibration_state],
                          [overlays, spreads, table, downloads])
-        calibrate_button.click(on_calibrate, [run_state, references, class_name, samples,
-                                              seed_box, percentile],
-                               [run_state, messages, threshold])
+        calibrate_button.click(on_calibrate, [run_state, references, class_name, few_shot,
+                                              samples, seed_box, percentile],
+                               [calibration_state, messages, threshold])
     page.queue(default_concurrency_limit=1)
     return page, theme
 
@@ -464,6 +479,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="the page's default number of samples R")
     p.add_argument("--seed", type=int, default=111, help="the page's default seed")
     p.add_argument("--batch_size", type=positive_int, default=8, help="images per forward")
+    p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
+                   help="weight of the few-shot map in the anomaly map (with references)")
     add_runtime_arguments(p)
     p.add_argument("--ignore_exif", action="store_true",
                    help="read files without turning them upright by their EXIF orientation")
@@ -486,11 +503,6 @@ def load_detector(args, weights: Weights) -> AnomalyDetector:
         weights.clip, weights.checkpoint,
         device=resolve_device(args.device, args.device_id), sample_num=args.sample_num,
         precision=args.precision, verify=not args.no_verify, **model_request(args))
-
-
-def _stop(signum, frame):
-    """SIGTERM stops the page as Ctrl-C does (the temporary folder is removed)."""
-    raise KeyboardInterrupt
 
 
 def serve(args, inspector: Inspector, work_dir: str) -> None:
@@ -527,7 +539,7 @@ def main(argv=None) -> int:
     if not (args.max_file_mb > 0 and math.isfinite(args.max_file_mb)):
         return fail(f"--max_file_mb must be a positive number, not {args.max_file_mb:g}", 2)
     os.environ.update(OFFLINE_ENV)
-    signal.signal(signal.SIGTERM, _stop)
+    interrupt_on_sigterm()                  # SIGTERM stops the page as Ctrl-C does
     work_dir = tempfile.mkdtemp(prefix="bayes-pfl-page-")
     os.environ["GRADIO_TEMP_DIR"] = work_dir              # uploads go here, removed at exit
     try:
@@ -537,6 +549,7 @@ def main(argv=None) -> int:
             raise SettingsError("the page needs Gradio: pip install -e \".[app]\"") from None
         weights = choose_weights(args.pretrained_path, args.checkpoint_path)
         detector = load_detector(args, weights)
+        detector.fewshot_weight = args.fewshot_weight
         if weights.demo:
             log.warning("running on the demo's random-weight files %s and %s: they show the "
                         "page, not real accuracy (real weights: pretrained_weight/README.md, "

@@ -25,27 +25,26 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from selenium import webdriver                                     # the test extra
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
+import app as page_app
 from models import AnomalyDetector
+from models.errors import InputError
 from models.imaging import to_pil_image
 from tests.clip_factory import TINY_LAYERS
-from utils.inference import CSV_COLUMNS, calibrate_threshold, decide, predict_images
+from utils.inference import (CSV_COLUMNS, DECISION_RULE, calibrate_threshold, decide,
+                             predict_images)
 from utils.visualize import heat_overlay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-webdriver = pytest.importorskip("selenium.webdriver")
-pytest.importorskip("gradio")
-if not (os.path.isfile(CHROMIUM) and os.path.isfile(CHROMEDRIVER)):
-    pytest.skip("Chromium and chromedriver are needed (apt-get install chromium "
-                "chromium-driver; .ci/run does it)", allow_module_level=True)
-
-from selenium.common.exceptions import TimeoutException          # noqa: E402
-from selenium.webdriver.common.by import By                      # noqa: E402
-from selenium.webdriver.common.keys import Keys                   # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait           # noqa: E402
-
+# .ci/run sets it: there a missing browser fails the tests instead of skipping them.
+BROWSER_REQUIRED = os.environ.get("BAYES_PFL_BROWSER_TESTS") == "required"
 CLASS_NAME = "bottle"
 TINY_FLAGS = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS)]
 WAIT_S = 60
@@ -190,6 +189,11 @@ def app(tiny_files, tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
+    """Headless Chromium (Debian's chromium and chromium-driver), a new profile in tmp_path."""
+    if not (os.path.isfile(CHROMIUM) and os.path.isfile(CHROMEDRIVER)):
+        why = ("the browser tests need Chromium and chromedriver: apt-get install chromium "
+               "chromium-driver (.ci/run does it)")
+        pytest.fail(why) if BROWSER_REQUIRED else pytest.skip(why)
     opts = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update",
@@ -264,25 +268,36 @@ def type_class(driver, name):
 
 
 def table(driver) -> list[list[str]]:
-    """The rows of the page's table (name, score, score_std, verdict)."""
-    rows = driver.find_elements(By.CSS_SELECTOR, "#table [role=row][data-index]")
-    return [[cell.get_attribute("textContent").strip()
-             for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")] for row in rows]
+    """The rows of the page's table (name, score, score_std, verdict), read in one script
+    (the page may re-render between two element reads)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#table [role=row][data-index]')].map(r =>"
+        " [...r.querySelectorAll('[role=gridcell]')].map(c => c.textContent.trim()));")
 
 
 def score(driver, n_rows):
-    """Click Score; returns the table once it holds ``n_rows`` rows of a new run."""
-    before = driver.find_element(By.ID, "messages").text
+    """Click Score; returns the table once it shows the new run's ``n_rows`` rows (those of its
+    predictions.json)."""
+    before = downloads(driver).get("predictions.json")
     driver.find_element(By.ID, "score").click()
-    wait(driver, lambda d: d.find_element(By.ID, "messages").text not in ("", before)
-         and len(table(d)) == n_rows)
-    return table(driver)
+
+    def shown(d):
+        url = downloads(d).get("predictions.json")
+        if url in (None, before):
+            return None
+        record = json.loads(fetch(url))
+        rows = table(d)
+        scores = [f"{r['score']:.6f}" for r in record["predictions"]]
+        return rows if len(rows) == n_rows and [r[1] for r in rows[:len(scores)]] == scores \
+            else None
+    return wait(driver, shown)
 
 
 def gallery(driver, elem_id="overlays") -> list[tuple[str, str]]:
     """(image URL, caption) of each item of a gallery."""
-    imgs = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} .grid-container img")
-    return [(im.get_attribute("src"), im.get_attribute("alt")) for im in imgs]
+    return [tuple(x) for x in driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(i => [i.src, i.alt]);",
+        f"#{elem_id} .grid-container img")]
 
 
 def fetch(url) -> bytes:
@@ -292,8 +307,10 @@ def fetch(url) -> bytes:
 
 
 def downloads(driver) -> dict[str, str]:
-    links = driver.find_elements(By.CSS_SELECTOR, "#downloads a[download]")
-    return {a.get_attribute("download"): a.get_attribute("href") for a in links}
+    """File name -> URL of the download links."""
+    return dict(driver.execute_script(
+        "return [...document.querySelectorAll('#downloads a[download]')]"
+        ".map(a => [a.getAttribute('download'), a.href]);"))
 
 
 def decided_at(driver, value):
@@ -301,13 +318,11 @@ def decided_at(driver, value):
     links = downloads(driver)
     if "predictions.json" not in links:
         return None
-    chosen = json.loads(fetch(links["predictions.json"]))["threshold"]["value"]
-    if abs(chosen - value) > 1e-9:
+    record = json.loads(fetch(links["predictions.json"]))
+    if abs(record["threshold"]["value"] - value) > 1e-9:
         return None
-    verdicts = [r[3] for r in table(driver)]
-    wanted = [r["decision"] or "" for r in json.loads(fetch(links["predictions.json"]))
-              ["predictions"]]
-    return links if verdicts[:len(wanted)] == wanted else None
+    wanted = [r["decision"] for r in record["predictions"]]
+    return links if [r[3] for r in table(driver)][:len(wanted)] == wanted else None
 
 
 def set_threshold(driver, value):
@@ -383,7 +398,8 @@ def test_page_scores_as_predict_images(app, browser, files, detector, tmp_path):
                                                   for e in expected] + ["skipped"]
     assert "UnidentifiedImageError" in table_csv[2]["error"]
     record = json.loads(fetch(links["predictions.json"]))
-    assert record["threshold"] == {"method": "fixed", "value": pytest.approx(middle, abs=1e-9)}
+    assert record["threshold"] == {"method": "fixed", "value": pytest.approx(middle, abs=1e-9),
+                                   "rule": DECISION_RULE}
     assert record["provenance"]["weights"]["clip_sha256"]
     assert record["settings"]["seed"] == 111 and record["settings"]["sample_num"] == 10
     browser.save_screenshot(str(tmp_path / "page.png"))
@@ -420,3 +436,127 @@ def test_the_guard_refuses_and_records(tmp_path):
                               "PAGE_TEST_NET_LOG": str(log)}, timeout=WAIT_S)
     assert out.stdout.strip() == "101"
     assert "192.0.2.1" in log.read_text()
+
+
+def test_references_few_shot_and_threshold_from_them(app, browser, files, detector):
+    """Good references: K shown, the scores (and their spreads) those of predict_images(...,
+    references=...); "set from the references' scores" gives predict.py's --calibrate rule on
+    the references, each scored against the others in the few-shot mode (a reference compared
+    with itself has a few-shot map of 0), as they are in the zero-shot mode."""
+    parts = [files["part_a.png"], files["part_b.png"]]
+    goods = [files["good_1.png"], files["good_2.png"]]
+    expected = predict_images(detector, parts, CLASS_NAME, seed=111, references=goods,
+                              return_std=True)
+    zero_shot = predict_images(detector, parts, CLASS_NAME, seed=111)
+    assert all(abs(a["score"] - b["score"]) > 1e-4 for a, b in zip(expected, zero_shot))
+    open_page(browser, app.url)
+    upload(browser, "images", parts)
+    type_class(browser, CLASS_NAME)
+    upload(browser, "references", goods)
+    wait(browser, lambda d: "few-shot: K = 2" in d.find_element(By.ID, "shots").text)
+    browser.find_element(By.CSS_SELECTOR, "#uncertainty input[type=checkbox]").click()
+    rows = score(browser, 2)
+    assert "2 images scored (few-shot, K = 2 reference images)" in \
+        browser.find_element(By.ID, "messages").text
+    np.testing.assert_allclose([float(r[1]) for r in rows], [e["score"] for e in expected],
+                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose([float(r[2]) for r in rows], [e["score_std"] for e in expected],
+                               atol=1e-6, rtol=0)
+    spreads = wait(browser, lambda d: gallery(d, "spreads"))
+    assert [alt.split(":")[0] for _, alt in spreads] == ["part_a.png", "part_b.png"]
+
+    held_out = [predict_images(detector, [g], CLASS_NAME, seed=111,
+                               references=[o for o in goods if o != g])[0]["score"]
+                for g in goods]
+    want = calibrate_threshold(held_out, 100.0)
+    browser.find_element(By.ID, "calibrate").click()
+    links = wait(browser, lambda d: decided_at(d, want))
+    record = json.loads(fetch(links["predictions.json"]))
+    assert record["threshold"]["method"] == "calibrated"
+    assert record["threshold"]["calibration"]["leave_one_out"] is True
+    assert record["threshold"]["value"] == pytest.approx(want, abs=1e-12)
+    assert record["references"]["n_images"] == 2
+    assert [r["decision"] for r in record["predictions"]] == [decide(e["score"], want)
+                                                              for e in expected]
+
+    # zero-shot: the references only set the threshold, scored as the images are
+    browser.find_element(By.CSS_SELECTOR, "#few_shot input[type=checkbox]").click()
+    wait(browser, lambda d: "only set the threshold" in d.find_element(By.ID, "shots").text)
+    rows = score(browser, 2)
+    np.testing.assert_allclose([float(r[1]) for r in rows], [e["score"] for e in zero_shot],
+                               atol=1e-6, rtol=0)
+    want = calibrate_threshold([r["score"] for r in predict_images(detector, goods, CLASS_NAME,
+                                                                   seed=111)], 100.0)
+    browser.find_element(By.ID, "calibrate").click()
+    wait(browser, lambda d: decided_at(d, want))
+
+
+# --------------------------------------------------------------------------------------------
+# Without a browser: the weights, the limits, the stop
+
+
+def test_no_weights_one_line(tmp_path):
+    """No weight flags and no demo files: one line saying how to get either, exit 1."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "app.py")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=WAIT_S,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: no weights given and no demo files ({page_app.DEMO_CLIP}, "
+        f"{page_app.DEMO_CHECKPOINT}): pass --pretrained_path and --checkpoint_path (real "
+        "weights: pretrained_weight/README.md, bayes_weight/README.md) or run `python demo.py` "
+        "first for random-weight demo files"]
+    assert not any(p.name.startswith("bayes-pfl-page-") for p in tmp_path.iterdir())
+
+
+def test_demo_files_are_the_default(tmp_path, monkeypatch):
+    (tmp_path / "demo_output" / "train").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(page_app.WeightsError):
+        page_app.choose_weights(None, None)
+    (tmp_path / page_app.DEMO_CLIP).write_bytes(b"")
+    (tmp_path / page_app.DEMO_CHECKPOINT).write_bytes(b"")
+    assert page_app.choose_weights(None, None) == page_app.Weights(
+        page_app.DEMO_CLIP, page_app.DEMO_CHECKPOINT, demo=True)
+    assert page_app.choose_weights(None, "k.pth") == page_app.Weights(
+        page_app.DEFAULT_CLIP, "k.pth", demo=False)
+
+
+def test_limits_and_unreadable_files(detector, files, tmp_path):
+    """Over the per-file size: that file's one line, the others scored; more images than
+    --max_images, or no class name: one line and nothing scored."""
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(big)
+    size = big.stat().st_size
+    limits = page_app.Limits(max_images=3, max_file_bytes=size - 1)
+    inspector = page_app.Inspector(detector, page_app.Weights("c", "k", False), {},
+                                   str(tmp_path / "work"), limits)
+    run = inspector.score([files["part_a.png"], str(big), files["broken.png"]], " bottle ", [],
+                          True, 10, 111, False)
+    assert [r["path"] for r in run.rows] == ["part_a.png"]
+    assert run.rows[0]["score"] == pytest.approx(
+        predict_images(detector, [files["part_a.png"]], CLASS_NAME, seed=111)[0]["score"],
+        abs=1e-7)
+    assert [s["error"] for s in run.skipped] == [
+        f"image big.png is {size / 2 ** 20:.1f} MB, over the page's limit of "
+        f"{(size - 1) / 2 ** 20:g} MB per file (--max_file_mb)",
+        "cannot read image broken.png (UnidentifiedImageError: cannot identify image file "
+        "'broken.png'); check that it is an image file and not damaged"]
+    with pytest.raises(InputError, match=r"^4 images: the page takes at most 3 per run "
+                                         r"\(--max_images\)$"):
+        inspector.score([files["part_a.png"]] * 4, "bottle", [], True, 10, 111, False)
+    with pytest.raises(InputError, match="^no class name"):
+        inspector.score([files["part_a.png"]], "  ", [], True, 10, 111, False)
+    with pytest.raises(InputError, match="needs at least 2 readable reference images"):
+        inspector.calibrate([files["good_1.png"], files["broken.png"]], "bottle", True, 10,
+                            111, 100.0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_removes_the_uploads(tiny_files, tmp_path, sig):
+    server = App(str(tmp_path), tiny_files)
+    work_dir = server.work_dir()
+    assert os.path.isdir(work_dir)
+    assert server.stop(sig) == 0
+    assert not os.path.exists(work_dir)
+    assert "stopping the page" in server.log()
