@@ -538,6 +538,10 @@ def main(argv=None) -> int:
     setup_logging()
     if not (args.max_file_mb > 0 and math.isfinite(args.max_file_mb)):
         return fail(f"--max_file_mb must be a positive number, not {args.max_file_mb:g}", 2)
+    try:
+        weights = choose_weights(args.pretrained_path, args.checkpoint_path)
+    except UserError as error:
+        return fail(str(error), 1)
     os.environ.update(OFFLINE_ENV)
     interrupt_on_sigterm()                  # SIGTERM stops the page as Ctrl-C does
     work_dir = tempfile.mkdtemp(prefix="bayes-pfl-page-")
@@ -547,7 +551,6 @@ def main(argv=None) -> int:
             import gradio  # noqa: F401  (the extra; imported here, after OFFLINE_ENV)
         except ImportError:
             raise SettingsError("the page needs Gradio: pip install -e \".[app]\"") from None
-        weights = choose_weights(args.pretrained_path, args.checkpoint_path)
         detector = load_detector(args, weights)
         detector.fewshot_weight = args.fewshot_weight
         if weights.demo:
