@@ -34,9 +34,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from dataset.registry import REGISTRY
 from models import AnomalyDetector
 from models.errors import InputError, SettingsError, UserError, WeightsError
-from dataset.registry import REGISTRY
 from models.imaging import to_pil_image
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
                        interrupt_on_sigterm, model_request, non_negative_float, positive_int)
@@ -48,7 +48,8 @@ from utils.provenance import provenance
 
 log = logging.getLogger("bayes_pfl")
 
-# Without weight flags: the files `python demo.py` writes (random weights).
+# Without weight flags: the files `python demo.py` writes (random weights; the checkpoint
+# records the demo's model settings, 224 px and layers 3 6 9 12, which the loader reads).
 DEMO_CLIP = os.path.join("demo_output", "clip_random.pt")
 DEMO_CHECKPOINT = os.path.join("demo_output", "train", "best.pth")
 DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"          # predict.py's defaults
@@ -227,7 +228,8 @@ class Inspector:
                 row.update(score_std=res["score_std"], uncertainty_overlay=None)
             run.rows.append(row)
         run.settings = {**self.settings, "class_name": class_name, "sample_num": sample_num,
-                        "seed": seed, "uncertainty": uncertainty, "stage": detector.stage}
+                        "seed": seed, "uncertainty": uncertainty, "few_shot": bool(ref_names),
+                        "stage": detector.stage}
         run.record = provenance(run.settings, self.weights.clip, self.weights.checkpoint,
                                 device=detector.device, precision=detector.precision,
                                 started=started)
@@ -367,15 +369,15 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Images to inspect", file_count="multiple",
-                                type="filepath", height=140, elem_id="images")
+                                type="filepath", height=120, elem_id="images")
                 class_name = gr.Dropdown(choices=class_suggestions(), value=None,
                                          allow_custom_value=True, label="Class name",
                                          info="the object's name, as put in the prompts",
                                          elem_id="class_name")
                 references = gr.File(label="Good reference images (optional)",
-                                     file_count="multiple", type="filepath", height=140,
+                                     file_count="multiple", type="filepath", height=120,
                                      elem_id="references")
-                with gr.Row():
+                with gr.Row(equal_height=True):
                     few_shot = gr.Checkbox(value=True, label="Few-shot: compare with them",
                                            elem_id="few_shot")
                     shots = gr.Markdown(shots_text(None, True), elem_id="shots")
@@ -384,9 +386,10 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
                                         label="Samples R", elem_id="samples")
                     seed_box = gr.Number(value=seed, precision=0, label="Seed",
                                          elem_id="seed")
+                with gr.Row(equal_height=True):
                     uncertainty = gr.Checkbox(value=False, label="Uncertainty (spread maps)",
                                               elem_id="uncertainty")
-                score_button = gr.Button("Score", variant="primary", elem_id="score")
+                    score_button = gr.Button("Score", variant="primary", elem_id="score")
             with gr.Column(scale=2):
                 messages = gr.HTML("", elem_id="messages")
                 with gr.Row(equal_height=True):
@@ -398,11 +401,12 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
                     calibrate_button = gr.Button("Set from the references' scores",
                                                  elem_id="calibrate", scale=1)
                 overlays = gr.Gallery(label="Heat maps (probability, 0 blue .. 1 red)",
-                                      columns=4, height=300, object_fit="contain",
+                                      columns=4, height=240, object_fit="contain",
                                       format="png", elem_id="overlays", interactive=False)
                 spreads = gr.Gallery(label=f"Spread over the samples (0 .. {STD_SCALE})",
-                                     columns=4, height=300, object_fit="contain", format="png",
-                                     elem_id="spreads", visible=False, interactive=False)
+                                     columns=4, height=240, object_fit="contain",
+                                     format="png", elem_id="spreads", visible=False,
+                                     interactive=False)
                 table = gr.Dataframe(headers=TABLE_HEADERS, value=None, interactive=False,
                                      elem_id="table", label="All images")
                 downloads = gr.File(label="predictions.csv, predictions.json",
@@ -448,14 +452,17 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
 
         for trigger in (references.change, few_shot.change):
             trigger(shots_text, [references, few_shot], shots)
+        # one model run at a time (score, calibrate); a moved threshold decides at its last
+        # value, the values passed over while it moved are dropped
         score_button.click(on_score, [files, class_name, references, few_shot, samples,
                                       seed_box, uncertainty, threshold, calibration_state],
-                           [run_state, messages, overlays, spreads, table, downloads, threshold])
+                           [run_state, messages, overlays, spreads, table, downloads, threshold],
+                           concurrency_id="model")
         threshold.change(on_threshold, [run_state, threshold, calibration_state],
-                         [overlays, spreads, table, downloads])
+                         [overlays, spreads, table, downloads], trigger_mode="always_last")
         calibrate_button.click(on_calibrate, [run_state, references, class_name, few_shot,
                                               samples, seed_box, percentile],
-                               [calibration_state, messages, threshold])
+                               [calibration_state, messages, threshold], concurrency_id="model")
     page.queue(default_concurrency_limit=1)
     return page, theme
 
@@ -530,7 +537,7 @@ def serve(args, inspector: Inspector, work_dir: str) -> None:
     except KeyboardInterrupt:
         log.info("stopping the page")
     finally:
-        page.close()
+        page.close(verbose=False)
 
 
 def main(argv=None) -> int:
