@@ -38,12 +38,13 @@ from dataset.registry import REGISTRY
 from models import AnomalyDetector
 from models.errors import InputError, SettingsError, UserError, WeightsError
 from models.imaging import to_pil_image
+from predict import load_detector
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
-                       interrupt_on_sigterm, model_request, non_negative_float, positive_int)
+                       interrupt_on_sigterm, non_negative_float, positive_int)
 from utils.inference import (DECISION_RULE, SCORE_DEFINITION, STD_SCALE, calibrate_threshold,
                              decide, predict_images, references_of, save_overlay,
                              write_outputs)
-from utils.misc import resolve_device, setup_logging
+from utils.misc import setup_logging
 from utils.provenance import provenance
 
 log = logging.getLogger("bayes_pfl")
@@ -54,11 +55,12 @@ DEMO_CLIP = os.path.join("demo_output", "clip_random.pt")
 DEMO_CHECKPOINT = os.path.join("demo_output", "train", "best.pth")
 DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"          # predict.py's defaults
 DEFAULT_CHECKPOINT = "./bayes_weight/train_visa.pth"
-# Set before Gradio (and huggingface_hub) are imported: no analytics, no version check, no
-# Hugging Face telemetry or hub calls, client-side rendering only (no Node server).
+# Set before Gradio (and huggingface_hub) are imported: no analytics and no version check
+# (both api.gradio.app), no Hugging Face telemetry or hub calls. The launch turns off the
+# rest: the share tunnel, server-side rendering (a Node server), the run history (which can
+# save to a Hugging Face bucket), the monitoring endpoint.
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_SSR_MODE": "False",
-               "GRADIO_SHARE": "False", "DO_NOT_TRACK": "1"}
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
 # System fonts only: Gradio's themes may fetch theirs from fonts.googleapis.com.
 FONTS = ["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "Menlo", "Consolas", "monospace"]
@@ -476,11 +478,12 @@ def get_parser() -> argparse.ArgumentParser:
                            "maps, set the threshold (a local Gradio app)",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_path", default=None,
-                   help=f"CLIP weights; without both weight flags: {DEMO_CLIP} when it exists "
-                        f"(random weights, written by demo.py), else {DEFAULT_CLIP}")
+                   help=f"CLIP weights. Neither weight flag: the demo's {DEMO_CLIP} (random "
+                        f"weights, written by demo.py); --checkpoint_path alone: "
+                        f"{DEFAULT_CLIP}")
     p.add_argument("--checkpoint_path", default=None,
-                   help=f"Bayes-PFL checkpoint; without both weight flags: {DEMO_CHECKPOINT} "
-                        f"when it exists, else {DEFAULT_CHECKPOINT}")
+                   help=f"Bayes-PFL checkpoint. Neither weight flag: the demo's "
+                        f"{DEMO_CHECKPOINT}; --pretrained_path alone: {DEFAULT_CHECKPOINT}")
     add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=positive_int, default=10,
                    help="the page's default number of samples R")
@@ -502,14 +505,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=positive_int, default=32,
                    help="most images (and most reference images) per run")
     return p
-
-
-def load_detector(args, weights: Weights) -> AnomalyDetector:
-    """The detector (weights checked and loaded once)."""
-    return AnomalyDetector.from_files(
-        weights.clip, weights.checkpoint,
-        device=resolve_device(args.device, args.device_id), sample_num=args.sample_num,
-        precision=args.precision, verify=not args.no_verify, **model_request(args))
 
 
 def serve(args, inspector: Inspector, work_dir: str) -> None:
@@ -541,10 +536,11 @@ def serve(args, inspector: Inspector, work_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
-    setup_logging()
+    parser = get_parser()
+    args = parser.parse_args(argv)
     if not (args.max_file_mb > 0 and math.isfinite(args.max_file_mb)):
-        return fail(f"--max_file_mb must be a positive number, not {args.max_file_mb:g}", 2)
+        parser.error(f"--max_file_mb must be a positive number, not {args.max_file_mb:g}")
+    setup_logging()
     try:
         weights = choose_weights(args.pretrained_path, args.checkpoint_path)
     except UserError as error:
@@ -558,15 +554,15 @@ def main(argv=None) -> int:
             import gradio  # noqa: F401  (the extra; imported here, after OFFLINE_ENV)
         except ImportError:
             raise SettingsError("the page needs Gradio: pip install -e \".[app]\"") from None
-        detector = load_detector(args, weights)
+        args.pretrained_path, args.checkpoint_path = weights.clip, weights.checkpoint
+        detector = load_detector(args)                  # predict.py's: checked, loaded once
         detector.fewshot_weight = args.fewshot_weight
         if weights.demo:
             log.warning("running on the demo's random-weight files %s and %s: they show the "
                         "page, not real accuracy (real weights: pretrained_weight/README.md, "
                         "bayes_weight/README.md)", weights.clip, weights.checkpoint)
         settings = {k: v for k, v in vars(args).items() if k not in ("host", "port", "share")}
-        settings.update(pretrained_path=weights.clip, checkpoint_path=weights.checkpoint,
-                        demo_weights=weights.demo, model_spec=detector.spec.to_dict())
+        settings.update(demo_weights=weights.demo, model_spec=detector.spec.to_dict())
         limits = Limits(args.max_images, int(args.max_file_mb * UNITS_MB))
         inspector = Inspector(detector, weights, settings, work_dir, limits, args.batch_size,
                               exif_transpose=not args.ignore_exif)
