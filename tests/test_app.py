@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 from selenium import webdriver                                     # the test extra
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -230,6 +230,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector(tiny_files):
+    """The detector the app builds from the same files and flags (R = 10)."""
     clip, ckpt = tiny_files
     return AnomalyDetector.from_files(clip, ckpt, image_size=32, layers=TINY_LAYERS,
                                       device="cpu", sample_num=10)
@@ -239,7 +240,8 @@ def wait(driver, condition, timeout=WAIT_S):
     """The first truthy value of ``condition(driver)``; on a timeout, an AssertionError that
     shows the page's messages and table."""
     try:
-        return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+        return WebDriverWait(driver, timeout, ignored_exceptions=(
+            StaleElementReferenceException,)).until(lambda d: condition(d))
     except TimeoutException:
         messages = driver.find_elements(By.ID, "messages")
         raise AssertionError(f"the page did not get there in {timeout} s; messages: "
@@ -253,6 +255,7 @@ def open_page(driver, url):
 
 
 def upload(driver, elem_id, paths):
+    """Drop files on an upload box (its file input); returns once it lists them."""
     box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]")
     box.send_keys("\n".join(paths))
     names = [os.path.basename(p) for p in paths]
@@ -261,6 +264,7 @@ def upload(driver, elem_id, paths):
 
 
 def type_class(driver, name):
+    """Type the class name into its box (free text; the suggestions stay closed)."""
     box = driver.find_element(By.CSS_SELECTOR, "#class_name input")
     box.clear()
     box.send_keys(name)
@@ -301,6 +305,7 @@ def gallery(driver, elem_id="overlays") -> list[tuple[str, str]]:
 
 
 def fetch(url) -> bytes:
+    """The body of a URL of the page (loopback only)."""
     assert urlparse(url).hostname == "127.0.0.1", url
     with urllib.request.urlopen(url, timeout=WAIT_S) as response:
         return response.read()
@@ -326,6 +331,7 @@ def decided_at(driver, value):
 
 
 def set_threshold(driver, value):
+    """Type a threshold into the slider's number box."""
     box = driver.find_element(By.CSS_SELECTOR, "#threshold input[type=number]")
     box.clear()
     box.send_keys(f"{value:.6f}")
@@ -333,6 +339,7 @@ def set_threshold(driver, value):
 
 
 def resource_urls(driver) -> list[str]:
+    """Every URL the page has loaded (navigation and resources), as the browser lists them."""
     return driver.execute_script(
         "return performance.getEntries().map(e => e.name)"
         ".filter(n => /^[a-z]+:\\/\\//.test(n));")
