@@ -11,7 +11,10 @@
    selecting (stage switch, early stop) on new images of one of them;
 4. evaluates zero-shot on categories never seen in training or selection: the per-class
    table (test.py's) as mean ± std over three sampling seeds (the image tower runs once for
-   all three), CSV/JSON and pictures under demo_output/.
+   all three), CSV/JSON and pictures under demo_output/;
+5. evaluates the same categories 4-shot: 4 good train images of each category (never its test
+   images) as references (test.py --k_shot 4), mean ± std over three shot seeds, and prints
+   the two mean rows side by side.
 
 Demo-only settings, stated here because they differ from train.py's official defaults: the
 frozen CLIP outputs of a fixed pool of training images are computed once and reused (no
@@ -30,14 +33,16 @@ import sys
 import time
 
 import torch
+from tabulate import tabulate
 from tqdm import tqdm
 
 from dataset.data import AnomalyDataset, make_loader
+from dataset.shots import draw_references
 from dataset.synthetic import write_standard
 from models import AnomalyDetector, load_clip
 from models.errors import SettingsError, UserError
 from models.random_clip import make_clip_state_dict
-from utils.evaluate import evaluate_runs
+from utils.evaluate import evaluate_runs, reference_banks
 from utils.provenance import data_record, provenance
 from utils.results import make_output_folder, over_seeds, write_results, write_text
 from utils.cli import Parser, fail
@@ -51,6 +56,9 @@ GEOMETRY = dict(vision_width=256, vision_layers=12, patch=16, grid=14, text_widt
                 text_layers=4, embed_dim=256)
 LAYERS = [3, 6, 9, 12]
 IMAGE_SIZE = 224
+TRAIN_IMAGES = 8                            # good train images of each evaluation category
+K_SHOT = 4                                  # few-shot references per category
+SHOT_SEEDS = [0, 1, 2]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -74,12 +82,14 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def make_data(root: str, seed: int, n_anomalous: int) -> None:
-    common = dict(size=256, n_train=1, n_test_good=max(2, n_anomalous // 2),
-                  n_test_anomaly=n_anomalous, overwrite=True)
-    write_standard(root, name="demo_train", classes=TRAIN_CLASSES, seed=seed, **common)
-    # other images (another seed): the validation category and the unseen ones
+    common = dict(size=256, n_test_good=max(2, n_anomalous // 2), n_test_anomaly=n_anomalous,
+                  overwrite=True)
+    write_standard(root, name="demo_train", classes=TRAIN_CLASSES, seed=seed, n_train=1,
+                   **common)
+    # other images (another seed): the validation category and the unseen ones, with good
+    # train images from which the few-shot references are drawn (the test images never)
     write_standard(root, name="demo_eval", classes=VAL_CLASSES + UNSEEN_CLASSES,
-                   seed=seed + 1, **common)
+                   seed=seed + 1, n_train=TRAIN_IMAGES, **common)
 
 
 DEMO_MARKER = ".bayes-pfl-demo"           # in --out: the folders below were written by the demo
@@ -126,18 +136,18 @@ def run(args: argparse.Namespace, out: str) -> int:
     set_seed(args.seed)
 
     data = os.path.join(out, "data")
-    logger.info("1/4 synthetic data: train %s | select %s | unseen %s", TRAIN_CLASSES,
+    logger.info("1/5 synthetic data: train %s | select %s | unseen %s", TRAIN_CLASSES,
                 VAL_CLASSES, UNSEEN_CLASSES)
     make_data(data, args.seed, args.n_anomalous)
 
-    logger.info("2/4 a CLIP with RANDOM weights (width %d, %d blocks, patch %d, %d px): no "
+    logger.info("2/5 a CLIP with RANDOM weights (width %d, %d blocks, patch %d, %d px): no "
                 "pretrained weights can be bundled, so this shows the method, not its accuracy",
                 GEOMETRY["vision_width"], GEOMETRY["vision_layers"], GEOMETRY["patch"],
                 IMAGE_SIZE)
     clip_path = os.path.join(out, "clip_random.pt")
     torch.save(make_clip_state_dict(seed=args.seed, **GEOMETRY), clip_path)
 
-    logger.info("3/4 training Bayes-PFL on %s (%d epochs at most)", ", ".join(TRAIN_CLASSES),
+    logger.info("3/5 training Bayes-PFL on %s (%d epochs at most)", ", ".join(TRAIN_CLASSES),
                 args.epochs)
     config = TrainConfig(
         dataset="demo_train", train_data_path=data, val_data_path=data,
@@ -153,7 +163,7 @@ def run(args: argparse.Namespace, out: str) -> int:
                 "%s, image AP %s", result.epochs_run, result.switch_epoch,
                 _fmt(result.best_pixel_ap), _fmt(result.best_image_ap))
 
-    logger.info("4/4 zero-shot evaluation on unseen categories: %s", ", ".join(UNSEEN_CLASSES))
+    logger.info("4/5 zero-shot evaluation on unseen categories: %s", ", ".join(UNSEEN_CLASSES))
     clip = load_clip(clip_path, image_size=IMAGE_SIZE, device=args.device)
     model = result.model.eval()
     detector = AnomalyDetector(clip, model, image_size=IMAGE_SIZE, sample_num=10,
@@ -180,10 +190,57 @@ def run(args: argparse.Namespace, out: str) -> int:
     print("\nZero-shot results on categories never seen in training (random-weight CLIP; "
           f"values in %, mean ± std over the sampling seeds {' '.join(map(str, seeds))}):")
     print(table)
+
+    logger.info("5/5 %d-shot evaluation on the same categories: %d good train images of each "
+                "as references, shot seeds %s", K_SHOT, K_SHOT, SHOT_SEEDS)
+    drawn = draw_references(data, "demo_eval", UNSEEN_CLASSES, K_SHOT, SHOT_SEEDS)
+    shot_runs = evaluate_runs(detector, loader, "demo_eval", [args.seed], pro="exact",
+                              progress=not args.quiet,
+                              references=reference_banks(detector, dataset, drawn))
+    shot_dir = os.path.join(results, f"{K_SHOT}shot")
+    shot_settings = {**settings, "seeds": [args.seed], "k_shot": K_SHOT,
+                     "shot_seeds": SHOT_SEEDS}
+    references = {"k_shot": K_SHOT, "from": "the train split",
+                  "paths": {str(shot): per_class for shot, per_class in drawn.items()}}
+    for seed, shot in shot_runs:
+        write_results(shot_runs[(seed, shot)], shot_dir, "demo_eval",
+                      {**shot_settings, "shot_seed": shot},
+                      name=f"seed{seed}_shot{shot}_results_demo_eval",
+                      extra={"provenance": record, "references": references})
+    shot_summary = over_seeds(shot_runs)
+    shot_table, shot_mean = write_results(
+        shot_summary["classes"], shot_dir, "demo_eval", shot_settings, shot_summary["std"],
+        shot_summary["mean"], shot_summary["mean_std"],
+        extra={"seeds": [args.seed], "shot_seeds": SHOT_SEEDS, "references": references,
+               "provenance": record})
+    print(f"\n{K_SHOT}-shot results on the same categories ({K_SHOT} good train images of each "
+          f"as references; mean ± std over the shot seeds {' '.join(map(str, SHOT_SEEDS))}):")
+    print(shot_table)
+    print("\nMean rows, zero-shot and few-shot:")
+    print(side_by_side({"zero-shot": (mean, summary["mean_std"]),
+                        f"{K_SHOT}-shot": (shot_mean, shot_summary["mean_std"])}))
     print(f"\nunseen-category pixel AUROC {100 * mean['auroc_px']:.1f} ± "
-          f"{100 * summary['mean_std']['auroc_px']:.1f} (chance: 50.0); results, pictures and "
-          f"logs in {out}; {time.time() - start:.0f} s")
+          f"{100 * summary['mean_std']['auroc_px']:.1f} zero-shot, "
+          f"{100 * shot_mean['auroc_px']:.1f} ± {100 * shot_summary['mean_std']['auroc_px']:.1f} "
+          f"{K_SHOT}-shot (chance: 50.0); results, pictures and logs in {out}; "
+          f"{time.time() - start:.0f} s")
     return 0
+
+
+SHOWN = (("auroc_px", "pixel AUROC"), ("aupro_px", "AUPRO"), ("ap_px", "pixel AP"),
+         ("auroc_sp", "image AUROC"), ("ap_sp", "image AP"))
+
+
+def side_by_side(rows: dict) -> str:
+    """A table of mean rows ({label: (mean row, its std)}), in percent, mean ± std."""
+    def cell(mean, std, key):
+        if mean.get(key) is None:
+            return "n/a"
+        return f"{100 * mean[key]:.1f} ± {100 * (std.get(key) or 0.0):.1f}"
+
+    body = [[label] + [cell(m, s, key) for key, _ in SHOWN] for label, (m, s) in rows.items()]
+    return tabulate(body, headers=["", *(title for _, title in SHOWN)], tablefmt="pipe",
+                    disable_numparse=True, colalign=("left",) + ("right",) * len(SHOWN))
 
 
 def _fmt(v):

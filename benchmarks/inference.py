@@ -4,13 +4,16 @@
     python benchmarks/inference.py --precision bf16
     python benchmarks/inference.py --device cuda --batch_size 8 --tf32
     python benchmarks/inference.py --geometry tiny --image_size 56 --iters 1   # quick check
+    python benchmarks/inference.py --k_shot 4             # the few-shot map's cost, K = 4
 
 One forward is timed part by part, calling the same stages ``AnomalyDetector.forward`` calls
 (image tower, prompt sampling, text tower, heads, scoring; CUDA is synchronised between parts
 only), and end to end through ``predict``. Peak memory covers all timed calls. With
 ``--precision bf16|fp16`` the scores and maps are also compared with fp32 on the same inputs and
 noise. The text-tower work is printed as sequences x positions per image, against the 60 x 77 of
-the plain computation (2NR sequences of the full context).
+the plain computation (2NR sequences of the full context). With ``--k_shot K`` the few-shot map
+of each image against a bank of K references (test.py --k_shot, predict.py --reference) is
+timed too, against the zero-shot prediction.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1,
                    help="also time an evaluation with this many seeds sharing one image-tower "
                         "pass (test.py --seeds) against one seed")
+    p.add_argument("--k_shot", type=int, default=0,
+                   help="also time the few-shot map against a bank of this many references")
     p.add_argument("--text", default="packed", choices=TEXT_MODES,
                    help="text tower: normal/abnormal pairs packed with their shared prefix "
                         "(default), one sequence per prompt cut after the last end token, or "
@@ -106,6 +111,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
     if args.seeds > 1:
         result_seeds = time_seeds(det, images, names, args, timer)
+    if args.k_shot > 0:
+        result_fewshot = time_fewshot(det, images, args, timer)
     sequences, positions = model.text_work(model.class_tokens(names), model.prompt_num
                                            * args.sample_num)
     result = {"parts": {key: timer.median(key) for _, key in PARTS},
@@ -115,7 +122,27 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         result["diff"] = compare_with_fp32(det, images, names, args.seed)
     if args.seeds > 1:
         result["seeds"] = result_seeds
+    if args.k_shot > 0:
+        result["fewshot"] = result_fewshot
     return result
+
+
+def time_fewshot(det: AnomalyDetector, images: torch.Tensor, args: argparse.Namespace,
+                 timer: Timer) -> tuple[float, float, float]:
+    """(seconds to build a bank of ``args.k_shot`` references, seconds per batch of the
+    few-shot map, the bank's MiB)."""
+    g = torch.Generator().manual_seed(args.seed + 2)
+    refs = torch.randn(args.k_shot, 3, args.image_size, args.image_size, generator=g)
+    with torch.no_grad():
+        with timer("bank"):
+            bank = det.reference_bank(refs.to(images.device))
+        _, tokens = det.encode_images(images)
+        for _ in range(args.warmup):
+            det.fewshot(tokens, bank)
+        for _ in range(args.iters):
+            with timer("fewshot"):
+                det.fewshot(tokens, bank)
+    return timer.median("bank"), timer.median("fewshot"), bank.nbytes() / 2**20
 
 
 def time_seeds(det: AnomalyDetector, images: torch.Tensor, names: list[str],
@@ -171,6 +198,11 @@ def report(args: argparse.Namespace, device: torch.device, result: dict) -> None
         one, many = result["seeds"]
         print(f"{args.seeds} seeds sharing the image tower: {many / b:.3f} s per image against "
               f"{one / b:.3f} s for one seed = {many / one:.2f}x (test.py --seeds)")
+    if "fewshot" in result:
+        bank, fewshot, mib = result["fewshot"]
+        print(f"few-shot map, K = {args.k_shot} references: {fewshot / b:.3f} s per image = "
+              f"{100 * fewshot / result['predict']:.1f}% of the zero-shot predict (bank: "
+              f"{bank:.2f} s once per class, {mib:.0f} MiB)")
     if "diff" in result:
         score, amap = result["diff"]
         print(f"{args.precision} vs fp32, same inputs and noise: max abs difference "

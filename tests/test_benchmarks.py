@@ -39,6 +39,12 @@ def test_inference_seeds_share_the_image_tower(capsys):
     assert "3 seeds sharing the image tower" in capsys.readouterr().out
 
 
+def test_inference_times_the_fewshot_map(capsys):
+    assert inference.main(TINY + ["--sample_num", "2", "--k_shot", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "few-shot map, K = 4 references:" in out and "of the zero-shot predict" in out
+
+
 def test_inference_tiny_bf16_compares_with_fp32(capsys):
     assert inference.main(TINY + ["--sample_num", "1", "--precision", "bf16"]) == 0
     out = capsys.readouterr().out
