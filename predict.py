@@ -8,12 +8,14 @@ recursively) or glob patterns.
 Writes <out>/predictions.csv and <out>/predictions.json (one row per image: score, text
 score, map score, decision) and, unless --no_overlay, a heat-map overlay per image under
 <out>/overlays/. A threshold is either given (--threshold) or calibrated on images known to be
-good (--calibrate DIR --percentile P). See docs/predict.md.
+good (--calibrate DIR --percentile P); --reference adds good images of the part as few-shot
+references. See docs/predict.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Sequence
@@ -24,12 +26,16 @@ from tabulate import tabulate
 
 from models import AnomalyDetector
 from models.errors import UserError
-from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail, finite_float,
-                       model_request, positive_int)
-from utils.inference import InputError, find_inputs, predict_folder
+from dataset.locks import folder_lock
+from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, class_name_text, fail,
+                       interrupt_on_sigterm, model_request, non_negative_float, positive_int,
+                       probability)
+from utils.inference import InputError, find_inputs, find_references, predict_folder
 from utils.misc import resolve_device, set_seed
 from utils.provenance import provenance
-from utils.results import make_output_folder
+from utils.results import OutputError, make_output_folder
+
+LOCK_FILE = ".predict.lock"
 
 
 def warn(message: str) -> None:
@@ -43,7 +49,8 @@ def describe_threshold(threshold: dict) -> str:
         return f"threshold {threshold['value']:.6f} (fixed)"
     c = threshold["calibration"]
     return (f"threshold {threshold['value']:.6f} (calibrated: percentile {c['percentile']:g} "
-            f"of the scores of {c['n_images']} good images in {c['directory']})")
+            f"of the scores of {c['n_images']} good images in {c['directory']}; anomalous "
+            f"above it)")
 
 
 def summary_table(rows: Sequence[dict]) -> str:
@@ -68,10 +75,19 @@ def load_detector(args):
         precision=args.precision, verify=not args.no_verify, **model_request(args))
 
 
+def load_references(detector, paths: list[str]):
+    """The few-shot bank of the --reference images (each read by range; an unreadable one is
+    one line)."""
+    bank = detector.reference_bank(paths)
+    print(f"few-shot: {bank.count} reference images", file=sys.stderr, flush=True)
+    return bank
+
+
 def run(args) -> dict:
     """Find the inputs (an error before any weights are read when there are none), load the
     weights, score, write the outputs; returns what predictions.json holds."""
     inputs = find_inputs(args.input, args.out, args.class_name, args.calibrate)
+    references = find_references(args.reference, args.out) if args.reference else None
     for spec, reason in inputs.unmatched:
         warn(f"no images in '{spec}': {reason}")
     if inputs.calibration:
@@ -81,20 +97,34 @@ def run(args) -> dict:
             warn(f"the calibration images are of class {', '.join(sorted(calib_classes))} and "
                  f"the inputs of {', '.join(sorted(classes))} (folder names); pass "
                  "--class_name to use one class name for both")
+        if len(inputs.calibration) < 5:
+            warn(f"calibrating on {len(inputs.calibration)} good image(s) only: the threshold "
+                 f"is a rough guess; give more known-good images")
+        if references is not None:
+            shared = {os.path.realpath(p) for p in references} & {
+                os.path.realpath(i.path) for i in inputs.calibration}
+            if shared:
+                warn(f"{len(shared)} calibration image(s) are also references: their few-shot "
+                     f"map is 0, so the threshold comes out too low; calibrate on other good "
+                     f"images")
     started = time.time()
     make_output_folder(args.out, "--out")
-    detector = load_detector(args)
-    set_seed(args.seed)
-    settings = {**vars(args), "model_spec": detector.spec.to_dict()}
-    result = predict_folder(detector, inputs, args.out, threshold=args.threshold,
-                            calibrate=args.calibrate, percentile=args.percentile,
-                            batch_size=args.batch_size, seed=args.seed,
-                            overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
-                            progress=not args.no_progress, settings=settings,
-                            uncertainty=args.uncertainty, extra=lambda: {"provenance": provenance(
-                                settings, args.pretrained_path, args.checkpoint_path,
-                                device=detector.device, precision=args.precision,
-                                started=started)})
+    with folder_lock(os.path.join(args.out, LOCK_FILE),
+                     f"--out {args.out} is being written by another predict.py",
+                     "no predict.py is running", OutputError):
+        detector = load_detector(args)
+        detector.fewshot_weight = args.fewshot_weight
+        bank = load_references(detector, references) if references else None
+        set_seed(args.seed)
+        settings = {**vars(args), "model_spec": detector.spec.to_dict()}
+        result = predict_folder(
+            detector, inputs, args.out, threshold=args.threshold, calibrate=args.calibrate,
+            percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
+            overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
+            progress=not args.no_progress, settings=settings, uncertainty=args.uncertainty,
+            references=bank, extra=lambda: {"provenance": provenance(
+                settings, args.pretrained_path, args.checkpoint_path, device=detector.device,
+                precision=args.precision, started=started)})
     if not result["predictions"]:
         raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
                          f"in {result['files']['csv']}): check the files")
@@ -117,7 +147,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, folders (searched recursively) or glob patterns "
                         "(quote them; ** allowed)")
-    p.add_argument("--class_name", default=None,
+    p.add_argument("--class_name", type=class_name_text, default=None,
                    help="object name put in the prompts (e.g. 'metal nut'); default: the name "
                         "of each image's folder")
     p.add_argument("--out", default="./predictions", help="output folder")
@@ -128,14 +158,20 @@ def get_parser() -> argparse.ArgumentParser:
                    help="images per forward (one class per batch)")
     add_runtime_arguments(p)
     limit = p.add_mutually_exclusive_group()
-    limit.add_argument("--threshold", type=finite_float, default=None,
-                       help="images scoring >= this are 'anomalous'")
+    limit.add_argument("--threshold", type=probability, default=None,
+                       help="images scoring above this (0..1) are 'anomalous'")
     limit.add_argument("--calibrate", metavar="NORMAL_DIR", default=None,
                        help="images known to be good: the threshold is --percentile of their "
                             "scores")
     p.add_argument("--percentile", type=float, default=100.0,
                    help="with --calibrate: percentile (0..100) of the good images' scores; "
                         "100 = their maximum")
+    p.add_argument("--reference", nargs="+", default=None, metavar="PATH",
+                   help="good images of the part (files, folders or glob patterns): the few-shot "
+                        "mode, the anomaly map plus --fewshot_weight times each patch's distance "
+                        "to the references' patches (calibrate on other good images)")
+    p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
+                   help="weight of the few-shot map in the anomaly map (with --reference)")
     p.add_argument("--no_overlay", action="store_true", help="skip the heat-map overlays")
     p.add_argument("--uncertainty", action="store_true",
                    help="also the spread over the prompt samples: a score_std column and a "
@@ -153,12 +189,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.percentile <= 100.0:
         parser.error(f"--percentile must be within 0..100, not {args.percentile:g}")
+    interrupt_on_sigterm()
     try:
         result = run(args)
     except InputError as e:
         return fail(str(e), 2)
     except UserError as e:
         return fail(str(e), 1)
+    except KeyboardInterrupt:
+        written = os.path.join(args.out, "predictions.json")
+        return fail("interrupted: " + (
+            f"the images scored so far are in {args.out}/predictions.csv and predictions.json "
+            f"(marked \"status\": \"interrupted\")" if os.path.isfile(written)
+            else "nothing was scored"), 130)
     rows = result["predictions"]
     if rows:
         print(summary_table(rows))

@@ -120,13 +120,16 @@ class AnomalyDataset(Dataset):
         augment: ``None`` (mode default) or a bool: the official augmentation.
         mosaic_prob: ``None`` (mode default) or the probability of replacing a sample by a
             2 x 2 mosaic of anomalous images of its class.
-        classification_only: ``None`` (the registry's: HeadCT, BrainMRI, Br35H) or a bool; when true,
-            masks are never read and every mask is zero.
+        classification_only: ``None`` (the registry's: HeadCT, BrainMRI, Br35H; for a dataset
+            the registry does not know, the meta file's ``info["classification_only"]``) or a
+            bool; when true, masks are never read and every mask is zero.
         seed: seed of the per-sample random draws (with the epoch and the sample index).
 
     Items are dicts: ``image`` float32 [3, S, S], ``mask`` float32 [1, S, S] in {0, 1},
     ``label`` int (0 normal, 1 anomalous), ``cls_name``, ``img_path`` (joined with root),
     ``specie_name``. Classes come in sorted order; within a class the meta file's order is kept.
+    ``info`` is the meta file's ``info`` dict (written by dataset/folder.py; {} otherwise) and
+    ``wording`` its prompt words by class ({} without it).
 
     The augmentation expects three-channel images, as the official code (which fails on
     others); a training image of another mode (grey, palette, RGBA, 16-bit) is converted to
@@ -153,10 +156,6 @@ class AnomalyDataset(Dataset):
         self.dataset_name = dataset_name
         self.mode = mode
         self.image_size = int(image_size)
-        self.classification_only = (
-            dataset_info(dataset_name).classification_only if classification_only is None
-            else bool(classification_only)
-        )
         self.augment = mode == "train" if augment is None else bool(augment)
         if mosaic_prob is None:           # the registry's, when training on the dataset
             mosaic_prob = dataset_info(dataset_name).mosaic_prob if mode == "train" else 0.0
@@ -167,7 +166,17 @@ class AnomalyDataset(Dataset):
         self.epoch = 0
 
         self.meta_file = meta_path(self.root, dataset_name)
-        test_split = load_meta(self.root, dataset_name)["test"]
+        meta = load_meta(self.root, dataset_name)
+        test_split = meta["test"]
+        # what dataset/folder.py records beside the splits ({} in the other meta files)
+        info = meta.get("info")
+        self.info: dict = info if isinstance(info, dict) else {}
+        self.wording: dict[str, str] = dict(self.info.get("wording") or {})
+        if classification_only is None:   # the registry's, else the meta file's
+            classification_only = (dataset_info(dataset_name).classification_only
+                                   if dataset_name in REGISTRY
+                                   else self.info.get("classification_only", False))
+        self.classification_only = bool(classification_only)
         available = sorted(test_split)
         if class_names is None:
             selected = available

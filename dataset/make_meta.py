@@ -91,7 +91,9 @@ def check_mask_size(image: Path, mask: Path) -> None:
                            f"replace the mask or the image, or re-run the conversion.")
 
 
-def _sample(img_path: str, mask_path: str, cls: str, specie: str, dataset_name: str) -> Dict:
+def meta_sample(img_path: str, mask_path: str, cls: str, specie: str, dataset_name: str) -> Dict:
+    """One sample of a meta file, its keys in the official order; anomalous unless `specie` is
+    "good"."""
     return {"img_path": img_path, "mask_path": mask_path, "cls_name": cls, "specie_name": specie,
             "dataset_name": dataset_name, "anomaly": int(specie != "good")}
 
@@ -120,7 +122,7 @@ def make_meta(data_root, name: str, classes: Optional[Sequence[str]] = None
             for specie in species:
                 files = list_files(phase_dir / specie)
                 if not files and phase == "train":
-                    samples.append(_sample("", "", cls, "good", ""))
+                    samples.append(meta_sample("", "", cls, "good", ""))
                 for file in files:
                     mask_path = ""
                     if specie != "good":
@@ -131,8 +133,8 @@ def make_meta(data_root, name: str, classes: Optional[Sequence[str]] = None
                             raise DatasetError(f"Mask {mask_file} for anomalous image {file} not "
                                                f"found: re-run '{REMAKE.format(name=name)}'.")
                         mask_path = f"{name}/{cls}/ground_truth/{specie}/{mask_file.name}"
-                    samples.append(_sample(f"{name}/{cls}/{phase}/{specie}/{file.name}", mask_path,
-                                           cls, specie, file.name.split("_", 1)[0]))
+                    samples.append(meta_sample(f"{name}/{cls}/{phase}/{specie}/{file.name}",
+                                               mask_path, cls, specie, file.name.split("_", 1)[0]))
     return meta
 
 

@@ -115,7 +115,7 @@ def test_calibration_threshold_is_the_percentile(tiny_files, tmp_path):
                                                    rel=1e-6, abs=1e-7)
         for row in result["predictions"]:
             assert row["class_name"] == "widget" and row["overlay"] is None
-            assert row["decision"] == ("anomalous" if row["score"] >= threshold["value"]
+            assert row["decision"] == ("anomalous" if row["score"] > threshold["value"]
                                        else "normal")
         assert result["summary"]["n_anomalous"] == sum(r["decision"] == "anomalous"
                                                        for r in rows)
@@ -127,9 +127,11 @@ def test_fixed_threshold_decisions_and_overlay_scale(tiny_files, tmp_path, capsy
     assert predict.main([*weights(tiny_files), *TINY, "--input", str(tmp_path / "in"),
                          "--threshold", "0.5", "--out", str(tmp_path / "out")]) == 0
     result, rows = read_outputs(tmp_path / "out")
-    assert result["threshold"] == {"method": "fixed", "value": 0.5}
+    assert result["threshold"] == {
+        "method": "fixed", "value": 0.5,
+        "rule": "anomalous when score > threshold (strictly), else normal"}
     for j, c in zip(result["predictions"], rows):
-        assert j["decision"] == c["decision"] == ("anomalous" if j["score"] >= 0.5 else "normal")
+        assert j["decision"] == c["decision"] == ("anomalous" if j["score"] > 0.5 else "normal")
 
     # the same numbers as predict_images, and overlays with the map read on a fixed 0..1 scale
     clip_path, ckpt_path = tiny_files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from typing import Any
 
@@ -41,6 +42,41 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
+
+
+def probability(text: str) -> float:
+    """A number within [0, 1] (argparse type): scores and thresholds are probabilities."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1 (scores are probabilities), not "
+                                         f"{text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (argparse type)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+    return value
+
+
+def class_name_text(text: str) -> str:
+    """A class name for the prompts (argparse type): not empty, not only spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name the object (e.g. 'metal nut'), not be empty")
+    return text
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM end the process as Ctrl-C does (a KeyboardInterrupt), so that the scripts
+    leave their files marked as interrupted, not half-written, whichever way they are
+    stopped."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:

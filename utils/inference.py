@@ -19,6 +19,7 @@ both in [0, 1]. The official per-class min-max needs a whole test set and is not
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -33,14 +34,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.files import IMAGE_EXTENSIONS
-from dataset.transforms import ImageReadError, preprocess_image, read_image, to_pil_image
-from models.errors import UserError
+from models.errors import InputError
+from models.fewshot import ReferenceBank
+from models.imaging import preprocess, preprocess_image, to_pil_image
 from models.noise import shared_noise
 from utils.discovery import (ImageItem, collect_images, group_by_class, overlay_names,
                              why_no_images)
 from utils.protocol import gaussian_smooth, topk_for_class
 from utils.results import OutputError, write_text
 from utils.visualize import heat_overlay, save_rgb
+
+__all__ = ["CSV_COLUMNS", "InputError", "Inputs", "STD_SCALE", "calibrate_threshold", "decide",
+           "csv_text", "find_inputs", "find_references", "image_list", "iter_scores", "predict_folder", "predict_images",
+           "preprocess", "references_of", "save_overlay", "write_outputs"]
 
 CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
                "score_std", "uncertainty_overlay", "error"]
@@ -49,20 +55,11 @@ CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decisi
 STD_SCALE = 0.25
 SCORE_DEFINITION = ("mean of text_score (mean abnormal probability of the prompt pairs) and "
                     "map_score (mean of the top-k anomaly-map values); no per-class min-max")
-
-
-class InputError(UserError, ValueError):
-    """The inputs name no image (or the calibration folder holds none)."""
+DECISION_RULE = "anomalous when score > threshold (strictly), else normal"
 
 
 # --------------------------------------------------------------------------------------------
 # Images in memory
-
-
-def preprocess(image, image_size: int, exif_transpose: bool = False) -> torch.Tensor:
-    """A path, a PIL image (any mode) or a numpy array -> the network input [3, S, S], exactly
-    as test.py's (``dataset.transforms``); ``exif_transpose`` turns a file upright first."""
-    return preprocess_image(to_pil_image(image, exif_transpose), image_size)
 
 
 def _at_size(amap: torch.Tensor, image: Image.Image) -> np.ndarray:
@@ -72,10 +69,57 @@ def _at_size(amap: torch.Tensor, image: Image.Image) -> np.ndarray:
     return full.cpu().numpy()
 
 
-def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
+def image_list(images, what: str = "images") -> list:
+    """The images of a call as a list: one path, PIL image or array is a list of one; a list or
+    tuple is taken as it is (each element read by ``models.imaging.to_pil_image``). A tensor,
+    another type or an empty list is one InputError."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        raise InputError(f"the {what} are a tensor: pass preprocessed [B, 3, S, S] batches to "
+                         f"AnomalyDetector.predict, and paths, PIL images or arrays here")
+    if not isinstance(images, (list, tuple)):
+        raise InputError(f"the {what} must be a path, a PIL image, an array or a list of them, "
+                         f"not a {type(images).__name__}")
+    if not images:
+        raise InputError(f"no {what} given: pass at least one")
+    return list(images)
+
+
+def _class_names(class_name, count: int) -> list[str]:
+    if isinstance(class_name, str):
+        names = [class_name] * count
+    elif isinstance(class_name, (list, tuple)):
+        names = list(class_name)
+    else:
+        raise InputError(f"class_name must be a string (or a list of one per image), not "
+                         f"{class_name!r}")
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"a class name must be a non-empty string, not {name!r}")
+    if len(names) != count:
+        raise InputError(f"{len(names)} class names for {count} images")
+    return names
+
+
+def references_of(detector, references, exif_transpose: bool = True) -> ReferenceBank | None:
+    """``references`` as a bank of ``detector``: a ReferenceBank as it is, None as None, else
+    good images (paths, PIL images, arrays; one or a list) read by range and encoded (the
+    paths recorded in the bank)."""
+    if references is None or isinstance(references, ReferenceBank):
+        return references
+    given = image_list(references, "reference images")
+    bank = detector.reference_bank([to_pil_image(im, exif_transpose) for im in given])
+    paths = tuple(os.fspath(r) for r in given if isinstance(r, (str, os.PathLike)))
+    return dataclasses.replace(bank, paths=paths) if len(paths) == len(given) else bank
+
+
+def predict_images(detector, images, class_name: str | Sequence[str],
                    batch_size: int = 8, smooth_sigma: float = 8.0, seed: int | None = None,
-                   exif_transpose: bool = True, return_std: bool = False) -> list[dict]:
-    """Score images (PIL, paths or arrays) of one class (or one class name each).
+                   exif_transpose: bool = True, return_std: bool = False,
+                   references=None) -> list[dict]:
+    """Score images (paths, PIL images or arrays, read by range: ``models.imaging``; one image
+    or a list) of one class (or one class name each).
 
     Returns one dict per image: ``text_score``, ``map_score`` (mean of the top-k map values,
     k = 20 or 2000 as the official protocol), ``score`` = the mean of the two, and
@@ -85,14 +129,22 @@ def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
     and ``anomaly_map_std`` (the per-pixel spread of the per-sample maps, unsmoothed, at the
     original size).
 
+    ``references``: good images of the class (one, a list, or a bank from
+    ``detector.reference_bank``): the few-shot mode, the anomaly map being the zero-shot map
+    plus ``detector.fewshot_weight`` times the few-shot map (before smoothing) and the map
+    score taken from it; each result also gets ``fewshot_map`` (smoothed likewise, original
+    size).
+
     ``seed``: when given, every image gets the same standard-normal draws, so that an image's
     result depends neither on the other images of the call nor on its position; None: draws
     from the torch RNG as ``detector.predict``. ``exif_transpose``: files are turned upright by
     their EXIF orientation (as image viewers show them; the official code ignores it); files
     without one read the same either way."""
-    names = [class_name] * len(images) if isinstance(class_name, str) else list(class_name)
-    if len(names) != len(images):
-        raise ValueError(f"{len(names)} class names for {len(images)} images")
+    images = image_list(images)
+    names = _class_names(class_name, len(images))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    bank = references_of(detector, references, exif_transpose)
     dim = detector.model.prompt_context.shape[-1]
     results = []
     for start in range(0, len(images), batch_size):
@@ -102,15 +154,22 @@ def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
         noise = None if seed is None else shared_noise(detector.sample_num, len(chunk), dim,
                                                        seed)
         ks = [min(topk_for_class(name), detector.image_size ** 2) for name in chunk_names]
-        out = detector.predict(batch, chunk_names, noise, return_std, ks if return_std else None)
+        out = detector.predict(batch, chunk_names, noise, return_std, ks if return_std else None,
+                               references=bank)
         maps = out["anomaly_map"].float()
         smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
+        fewshot = None
+        if "fewshot_map" in out:
+            fewshot = out["fewshot_map"].float()
+            fewshot = gaussian_smooth(fewshot, smooth_sigma) if smooth_sigma else fewshot
         for i, im in enumerate(chunk):
             map_score = float(maps[i].flatten().topk(ks[i]).values.mean())
             text_score = float(out["image_score"][i])
             result = {"text_score": text_score, "map_score": map_score,
                       "score": 0.5 * (text_score + map_score),
                       "anomaly_map": _at_size(smoothed[i], im)}
+            if fewshot is not None:
+                result["fewshot_map"] = _at_size(fewshot[i], im)
             if return_std:
                 result.update(score_std=float(out["score_std"][i]),
                               text_score_std=float(out["image_score_std"][i]),
@@ -124,16 +183,19 @@ def predict_images(detector, images: Sequence, class_name: str | Sequence[str],
 
 
 def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
-                seed: int | None = None, exif_transpose: bool = True, return_std: bool = False
+                seed: int | None = None, exif_transpose: bool = True, return_std: bool = False,
+                references: ReferenceBank | None = None
                 ) -> Iterator[tuple[ImageItem, Image.Image | None, dict | str]]:
-    """Score items in batches of one class each. Yields (item, image as read, result of
-    ``predict_images``) for each image, or (item, None, reason) for a file that cannot be
-    read. ``exif_transpose``: files are turned upright by their EXIF orientation first."""
+    """Score items in batches of one class each. Yields (item, the image as read by range -
+    8 bits per channel -, result of ``predict_images``) for each image, or (item, None,
+    reason) for a file that cannot be read. ``exif_transpose``: files are turned upright by
+    their EXIF orientation first."""
     batch: list[tuple[ImageItem, Image.Image]] = []
 
     def flush():
         results = predict_images(detector, [im for _, im in batch], batch[0][0].class_name,
-                                 batch_size=len(batch), seed=seed, return_std=return_std)
+                                 batch_size=len(batch), seed=seed, return_std=return_std,
+                                 references=references)
         done = [(item, im, res) for (item, im), res in zip(batch, results)]
         batch.clear()
         return done
@@ -142,8 +204,8 @@ def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
         if batch and (batch[0][0].class_name != item.class_name or len(batch) >= batch_size):
             yield from flush()
         try:
-            image = read_image(item.path, exif_transpose)
-        except ImageReadError as e:
+            image = to_pil_image(item.path, exif_transpose)
+        except InputError as e:            # unreadable, or values that are not an image's
             yield item, None, str(e)
             continue
         batch.append((item, image))
@@ -153,7 +215,9 @@ def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
 
 def calibrate_threshold(scores: Sequence[float], percentile: float = 100.0) -> float:
     """The ``percentile`` (0..100, linear interpolation as numpy) of the scores of images
-    known to be good; 100 is their maximum."""
+    known to be good; 100 is their maximum. With the decision rule ``score > threshold``, no
+    calibration image scores above the threshold at percentile 100 (a single good image is
+    not flagged by its own score)."""
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be within 0..100, not {percentile}")
     if len(scores) == 0:
@@ -162,10 +226,11 @@ def calibrate_threshold(scores: Sequence[float], percentile: float = 100.0) -> f
 
 
 def decide(score: float, threshold: float | None) -> str | None:
-    """'anomalous' when score >= threshold, else 'normal'; None without a threshold."""
+    """'anomalous' when score > threshold (strictly, as the official IoU counts pixels above
+    the F1 threshold), else 'normal'; None without a threshold."""
     if threshold is None:
         return None
-    return "anomalous" if score >= threshold else "normal"
+    return "anomalous" if score > threshold else "normal"
 
 
 def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray,
@@ -181,38 +246,85 @@ def save_overlay(path: str, image: Image.Image, anomaly_map: np.ndarray,
                           f"some space, choose another --out or pass --no_overlay") from None
 
 
+def _csv_row(row: dict) -> dict:
+    if "score" not in row:                                   # a skipped file
+        return {"path": row["path"], "class_name": row["class_name"], "decision": "skipped",
+                "error": row["error"]}
+    return {k: "" if row.get(k) is None else row.get(k, "") for k in CSV_COLUMNS}
+
+
+def csv_text(rows: Sequence[dict], skipped: Sequence[dict] = ()) -> str:
+    """predictions.csv's text: the header, the scored rows, then the skipped files (decision
+    'skipped', the reason in 'error')."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(_csv_row(row))
+    for row in skipped:
+        writer.writerow(_csv_row({**row, "decision": "skipped"}))
+    return text.getvalue()
+
+
 def write_outputs(out: str, result: dict) -> tuple[str, str]:
     """``predictions.json`` (the whole result) and ``predictions.csv`` (the predictions, then
     the skipped files with decision 'skipped' and the reason in 'error'), atomically."""
     json_path = os.path.join(out, "predictions.json")
     csv_path = os.path.join(out, "predictions.csv")
     write_text(json_path, json.dumps(result, indent=2))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
-    writer.writeheader()
-    for row in result["predictions"]:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k, "") for k in CSV_COLUMNS})
-    for row in result["skipped"]:
-        writer.writerow({"path": row["path"], "class_name": row["class_name"],
-                         "decision": "skipped", "error": row["error"]})
-    write_text(csv_path, text.getvalue())
+    write_text(csv_path, csv_text(result["predictions"], result["skipped"]))
     return csv_path, json_path
 
 
+class RowLog:
+    """``predictions.csv`` as the images are scored: the header, then each row appended and
+    flushed as soon as it is known, so that an interruption or a full disk loses no row of an
+    image already scored (the finished run replaces the file in one step, rows in order)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._file = open(path, "w", encoding="utf-8", newline="")
+        except OSError as error:
+            raise OutputError(f"cannot write {path} ({error.strerror or error}): free some space "
+                              f"or choose another --out") from None
+        self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._write(self._writer.writeheader)
+
+    def _write(self, action, *args) -> None:
+        try:
+            action(*args)
+            self._file.flush()
+        except OSError as error:
+            raise OutputError(f"cannot write {self.path} ({error.strerror or error}): free "
+                              f"some space or choose another --out") from None
+
+    def add(self, row: dict) -> None:
+        self._write(self._writer.writerow, _csv_row(row))
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
 def _scored(detector, items, batch_size, desc, progress, skipped, seed=None,
-            exif_transpose=True, return_std=False):
+            exif_transpose=True, return_std=False, references=None, on_skip=None):
     """(item, image, result) of each readable item as it is scored, under a progress bar;
-    unreadable files are reported and appended to ``skipped``. Nothing is held beyond a
-    batch, so folders of any size fit in memory."""
+    unreadable files are reported and appended to ``skipped`` (and passed to ``on_skip``).
+    Nothing is held beyond a batch, so folders of any size fit in memory."""
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for item, image, res in iter_scores(detector, items, batch_size, seed, exif_transpose,
-                                            return_std):
+                                            return_std, references):
             bar.update(1)
             if image is None:
                 tqdm.write(f"warning: skipped: {res}", file=sys.stderr)
-                skipped.append({"path": item.path, "class_name": item.class_name,
-                                "error": res})
+                entry = {"path": item.path, "class_name": item.class_name, "error": res}
+                skipped.append(entry)
+                if on_skip:
+                    on_skip(entry)
                 continue
             yield item, image, res
 
@@ -250,25 +362,46 @@ def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str |
     return Inputs(items, calibration, reasons)
 
 
+def find_references(references: Sequence[str], out: str | None = None) -> list[str]:
+    """The image files named by ``references`` (files, folders, globs, as ``--input``); an
+    InputError when they name none."""
+    exclude = [os.path.join(out, folder) for folder in ("overlays", "uncertainty")] if out else []
+    unmatched: list[str] = []
+    found = [item.path for item in collect_images(references, "reference", exclude,
+                                                  on_unmatched=unmatched.append)]
+    if unmatched or not found:
+        said = "; ".join(f"'{spec}': {why_no_images(spec)}" for spec in unmatched) or \
+            "they name no image"
+        raise InputError(f"no reference images found ({said}): give good image files, folders "
+                         f"holding them or glob patterns")
+    return found
+
+
 def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                    class_name: str | None = None, threshold: float | None = None,
                    calibrate: str | None = None, percentile: float = 100.0,
                    batch_size: int = 8, seed: int | None = 111, overlays: bool = True,
                    exif_transpose: bool = True, progress: bool = False,
                    settings: dict | None = None, uncertainty: bool = False,
-                   extra: Callable[[], dict] | None = None) -> dict:
+                   extra: Callable[[], dict] | None = None, references=None) -> dict:
     """Score every image the inputs name, write ``<out>/predictions.csv`` / ``.json`` and
     (``overlays``) a heat-map overlay per image, and return what predictions.json holds.
 
     The threshold is ``threshold`` when given, else the ``percentile`` of the scores of the
     known-good images in ``calibrate`` (scored first, so that it depends only on them and the
-    seed), else none (no decisions). Unreadable files are skipped and listed. ``uncertainty``:
-    each row also gets ``score_std`` (the spread of the score over the prompt samples) and,
-    with ``overlays``, a second overlay of the per-pixel spread under ``<out>/uncertainty``.
-    ``extra()``, called once the images are scored (e.g. the provenance with its wall time),
-    goes into predictions.json as it is."""
+    seed), else none (no decisions); an image is anomalous when its score is above it. Unreadable
+    files are skipped and listed. ``uncertainty``: each row also gets ``score_std`` (the spread of
+    the score over the prompt samples) and, with ``overlays``, a second overlay of the per-pixel
+    spread under ``<out>/uncertainty``. ``references`` (good images, or a bank): the few-shot
+    mode for the calibration and the scored images alike. ``extra()``, called once the images are
+    scored (e.g. the provenance with its wall time), goes into predictions.json as it is.
+
+    predictions.csv grows row by row as the images are scored; an interruption (Ctrl-C,
+    SIGTERM raised as KeyboardInterrupt) or an error while writing ends with both files written
+    as far as the run went and marked ``"status": "interrupted"`` in the JSON, then re-raises."""
     if not isinstance(inputs, Inputs):
         inputs = find_inputs(inputs, out, class_name, calibrate)
+    bank = references_of(detector, references, exif_transpose)
     skipped: list[dict] = []
     chosen: dict = {"method": "none", "value": None}
     if threshold is not None:
@@ -277,7 +410,8 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
         calib_skipped: list[dict] = []
         scores, classes = [], set()
         for item, _, res in _scored(detector, inputs.calibration, batch_size, "calibrate",
-                                    progress, calib_skipped, seed, exif_transpose):
+                                    progress, calib_skipped, seed, exif_transpose,
+                                    references=bank):
             scores.append(res["score"])
             classes.add(item.class_name)
         if not scores:
@@ -287,36 +421,61 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                                   "percentile": percentile, "class_names": sorted(classes),
                                   "score_min": float(min(scores)),
                                   "score_max": float(max(scores)), "skipped": calib_skipped}}
+    if chosen["value"] is not None:
+        chosen["rule"] = DECISION_RULE
 
     names = dict(zip(inputs.items, overlay_names(inputs.items)))
-    rows = []
-    for item, image, res in _scored(detector, inputs.items, batch_size, "predict", progress,
-                                    skipped, seed, exif_transpose, uncertainty):
-        overlay = spread = None
-        if overlays:
-            overlay = os.path.join(out, "overlays", names[item])
-            save_overlay(overlay, image, res["anomaly_map"])
+    rows: list[dict] = []
+    status = "interrupted"
+    log = RowLog(os.path.join(out, "predictions.csv"))
+
+    def result() -> dict:
+        return {
+            "status": status,
+            "threshold": chosen,
+            "summary": {"n_images": len(rows),
+                        "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
+                        "n_skipped": len(skipped),
+                        "n_not_scored": len(inputs.items) - len(rows) - len(skipped)},
+            "score": SCORE_DEFINITION,
+            "references": None if bank is None else {"n_images": bank.count,
+                                                     "paths": list(bank.paths),
+                                                     "fewshot_weight": detector.fewshot_weight},
+            "settings": {**(settings or {}), "stage": detector.stage},
+            "predictions": rows,
+            "skipped": skipped,
+            **(extra() if extra else {}),
+        }
+
+    try:
+        for item, image, res in _scored(detector, inputs.items, batch_size, "predict",
+                                        progress, skipped, seed, exif_transpose, uncertainty,
+                                        bank, on_skip=log.add):
+            overlay = spread = None
+            if overlays:
+                overlay = os.path.join(out, "overlays", names[item])
+                save_overlay(overlay, image, res["anomaly_map"])
+                if uncertainty:
+                    spread = os.path.join(out, "uncertainty", names[item])
+                    save_overlay(spread, image, res["anomaly_map_std"], vmax=STD_SCALE)
+            row = {"path": item.path, "class_name": item.class_name, "score": res["score"],
+                   "text_score": res["text_score"], "map_score": res["map_score"],
+                   "decision": decide(res["score"], chosen["value"]),
+                   "overlay": overlay, "width": image.width, "height": image.height}
             if uncertainty:
-                spread = os.path.join(out, "uncertainty", names[item])
-                save_overlay(spread, image, res["anomaly_map_std"], vmax=STD_SCALE)
-        row = {"path": item.path, "class_name": item.class_name, "score": res["score"],
-               "text_score": res["text_score"], "map_score": res["map_score"],
-               "decision": decide(res["score"], chosen["value"]),
-               "overlay": overlay, "width": image.width, "height": image.height}
-        if uncertainty:
-            row.update(score_std=res["score_std"], uncertainty_overlay=spread)
-        rows.append(row)
-    result = {
-        "threshold": chosen,
-        "summary": {"n_images": len(rows),
-                    "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
-                    "n_skipped": len(skipped)},
-        "score": SCORE_DEFINITION,
-        "settings": {**(settings or {}), "stage": detector.stage},
-        "predictions": rows,
-        "skipped": skipped,
-        **(extra() if extra else {}),
-    }
-    csv_path, json_path = write_outputs(out, result)
-    result["files"] = {"csv": csv_path, "json": json_path}
-    return result
+                row.update(score_std=res["score_std"], uncertainty_overlay=spread)
+            rows.append(row)
+            log.add(row)
+        status = "complete"
+    except BaseException:
+        log.close()
+        try:                      # what was scored, marked interrupted; never hides the cause
+            write_outputs(out, result())
+        except OutputError:
+            pass
+        raise
+    log.close()
+    done = result()
+    csv_path, json_path = write_outputs(out, done)
+    done["files"] = {"csv": csv_path, "json": json_path}
+    return done

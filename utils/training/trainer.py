@@ -107,8 +107,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.spec = model_spec(cfg, self.clip)
         self.model = BayesPFL.from_clip(self.clip, **self.spec.bayes_pfl_kwargs())
+        # the registry's wording, then the meta files' (a folder dataset's prompt words)
         self.model.wording = {**dataset_info(self.plan.val_dataset).wording,
-                              **dataset_info(self.plan.train_dataset).wording}
+                              **dataset_info(self.plan.train_dataset).wording,
+                              **self.val_ds.wording, **train_ds.wording}
         self.model.to(self.device)
         dist_utils.broadcast_module(self.model)
         self.step_module = TrainingStep(self.model, self.clip)
