@@ -27,6 +27,7 @@ import torch
 from models.errors import InputError, SettingsError, WeightsError
 from models.noise import shared_noise
 from models.wording import prompt_class_name
+from utils.protocol import topk_for_class
 
 DEPLOY_INSTALL = 'pip install -e ".[deploy]"'
 # The value of the "format" metadata entry of the files export.py writes.
@@ -167,11 +168,13 @@ class OnnxDetector:
 
     def check_class(self, class_names: Sequence[str] | str | None) -> None:
         """Each name must be worded in the prompt as the file's class (``metal_nut`` and
-        ``metal nut`` are the same class); else one SettingsError naming both."""
+        ``metal nut`` are the same class) and have its top-k; else one SettingsError naming
+        both."""
         if class_names is None:
             return
         for name in [class_names] if isinstance(class_names, str) else list(class_names):
-            if not isinstance(name, str) or ("X " + prompt_class_name(name)) != self.prompt:
+            if not isinstance(name, str) or ("X " + prompt_class_name(name)) != self.prompt \
+                    or min(topk_for_class(name), self.image_size ** 2) != self.topk:
                 raise SettingsError(f"the class name '{name}' differs from '{self.class_name}', "
                                     f"the class {self.path} was exported for: export a file for "
                                     f"it (export.py --class_name \"{name}\")")
@@ -184,6 +187,12 @@ class OnnxDetector:
             raise SettingsError(f"{asked} was asked for but {self.path} has the noise of seed "
                                 f"{self.seed} baked in: use --seed {self.seed}, or export the "
                                 f"file again with --seed {seed if seed is not None else 'N'}")
+
+    def reference_bank(self, images, chunk: int = 8):
+        """References cannot be added to an exported file: one SettingsError."""
+        raise SettingsError(f"few-shot references are baked into the file at export: "
+                            f"{self.path} holds {self.references}; export it again with "
+                            f"export.py --reference PATH ... to change them")
 
     def check_images(self, images) -> np.ndarray:
         """A preprocessed batch [B, 3, S, S] (torch tensor or numpy array) as contiguous
@@ -242,9 +251,7 @@ class OnnxDetector:
             raise InputError(f"{len(class_names)} class names for {batch.shape[0]} images")
         self._check_noise(noise, batch.shape[0])
         if references is not None:
-            raise SettingsError(f"references are baked into the file at export: {self.path} "
-                                f"holds {self.references}; export again with --reference PATH "
-                                f"... to change them, and pass references=None")
+            self.reference_bank(references)
         if return_std and not self.uncertainty:
             raise SettingsError(f"{self.path} was exported without the spreads: export it again "
                                 f"with --uncertainty")
