@@ -55,9 +55,11 @@ log = logging.getLogger(__name__)
 
 # A protobuf file holds at most 2 GiB: weights beyond this go to an external data file.
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
-# --fp16: float32 initialisers of at least this many values are stored as float16 (with a
-# Cast back to float32 in the graph); smaller ones (temperatures, biases of the heads) stay.
-FP16_MIN_ELEMENTS = 1024
+# --fp16: float32 initialisers of at least this many values (the weight matrices, the
+# position grids, a reference bank) are stored as float16, with a Cast back to float32 in the
+# graph; the smaller ones (biases, LayerNorms, the baked noise, state samples and prompt
+# vectors: a few hundred kB in all) stay float32.
+FP16_MIN_ELEMENTS = 1 << 16
 # Example batch of the trace (sizes 0 and 1 would be specialised by torch.export).
 TRACE_BATCH = 2
 

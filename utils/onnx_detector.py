@@ -128,6 +128,13 @@ class OnnxDetector:
             raise WeightsError(f"ONNX file not found at '{path}': export one with export.py "
                                f"(see README, Deploying a detector)")
         providers = list(providers or ["CPUExecutionProvider"])
+        available = ort.get_available_providers()
+        missing = [p for p in providers if (p if isinstance(p, str) else p[0]) not in available]
+        if missing:
+            names = ", ".join(p if isinstance(p, str) else p[0] for p in missing)
+            raise SettingsError(f"ONNX Runtime here has no {names} (it offers "
+                                f"{', '.join(available)}): install onnxruntime-gpu instead of "
+                                f"onnxruntime for CUDA, or use the CPU")
         try:
             self.session = ort.InferenceSession(path, sess_options=session_options,
                                                 providers=providers)
