@@ -82,8 +82,9 @@ def load_detector(args):
 
 
 def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
-        if isinstance(value, float) else str(value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def load_onnx(args) -> OnnxDetector:
@@ -132,8 +133,9 @@ def load_references(detector, paths: list[str]):
 
 
 def run(args) -> dict:
-    """Find the inputs (an error before any weights are read when there are none), load the
-    weights, score, write the outputs; returns what predictions.json holds."""
+    """Find the inputs (an error before any weights are read when there are none; with --onnx
+    the file is opened first, for its class name), load the weights, score, write the
+    outputs; returns what predictions.json holds."""
     exported = load_onnx(args) if args.onnx else None
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -176,6 +178,7 @@ def run(args) -> dict:
             detector.fewshot_weight = args.fewshot_weight
             bank = load_references(detector, references) if references else None
             settings = {**vars(args), "model_spec": detector.spec.to_dict()}
+        weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
         set_seed(args.seed)
         result = predict_folder(
             detector, inputs, args.out, threshold=args.threshold, calibrate=args.calibrate,
@@ -183,10 +186,8 @@ def run(args) -> dict:
             overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
             progress=not args.no_progress, settings=settings, uncertainty=args.uncertainty,
             references=bank, extra=lambda: {"provenance": provenance(
-                settings, *((None, None) if exported else (args.pretrained_path,
-                                                           args.checkpoint_path)),
-                device=detector.device,
-                precision=args.precision, started=started)})
+                settings, *weights, device=detector.device, precision=args.precision,
+                started=started)})
     if not result["predictions"]:
         raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
                          f"in {result['files']['csv']}): check the files")

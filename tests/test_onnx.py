@@ -71,8 +71,8 @@ def references(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_files, references, tmp_path_factory):
-    """The tiny detector exported by export.py: references, spreads, external data (about
-    20 s here, on 2 shared cores)."""
+    """The tiny detector exported by export.py: references, spreads, external data (40-50 s
+    here, on 2 cores shared with other work at a load average near 10)."""
     clip_path, ckpt_path = tiny_files
     path = str(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
     assert export.main(["--pretrained_path", clip_path, "--checkpoint_path", ckpt_path,
@@ -271,8 +271,9 @@ def test_without_the_deploy_extra_one_line(tiny_files, tiny_export, tmp_path, mo
 @pytest.fixture(scope="module")
 def vit_b(tmp_path_factory):
     """A ViT-B/16 detector at 224 px (random CLIP, Bayes-PFL heads spread out so that maps
-    and scores vary) traced once and written as float32 and float16 files: about 70 s here
-    on 2 shared cores (random weights 5 s, trace 55 s, the two files 10 s)."""
+    and scores vary) traced once and written as float32 and float16 files: 90-100 s here, on
+    2 cores shared with other work at a load average near 10 (the whole module: 190-300 s of
+    wall time there, about 70 s of CPU time)."""
     clip = build_clip(make_clip_state_dict(seed=3, **geometry_kwargs("ViT-B-16")),
                       image_size=224).requires_grad_(False).eval()
     torch.manual_seed(3)
@@ -323,8 +324,8 @@ def test_vit_b16_fp16_file_is_half_and_close(vit_b):
     want = OnnxDetector(fp32.path).predict(x)
     got = OnnxDetector(fp16.path).predict(x)
     differences = largest_differences(got, want)
-    # float16 rounding of the Bayes-PFL weights and the resized position grid (the random
-    # CLIP values are float16 already): measured here 8.5e-5 (scores), 6.8e-5 (maps)
+    # float16 rounding of the Bayes-PFL weight matrices (the random CLIP values are float16
+    # already); 1.6e-5 (scores) and 2.1e-5 (maps) at ViT-L/14-336 (docs/performance.md)
     assert 0 < max(differences.values()) < 1e-3, differences
 
 
