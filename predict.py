@@ -9,7 +9,9 @@ Writes <out>/predictions.csv and <out>/predictions.json (one row per image: scor
 score, map score, decision) and, unless --no_overlay, a heat-map overlay per image under
 <out>/overlays/. A threshold is either given (--threshold) or calibrated on images known to be
 good (--calibrate DIR --percentile P); --reference adds good images of the part as few-shot
-references. See docs/predict.md.
+references. With --onnx, a file written by export.py is scored by ONNX Runtime instead (no CLIP
+or checkpoint needed; its class, seed, R, image size and references are the file's). See
+docs/predict.md.
 """
 
 from __future__ import annotations
@@ -25,17 +27,21 @@ import torch
 from tabulate import tabulate
 
 from models import AnomalyDetector
-from models.errors import UserError
+from models.errors import SettingsError, UserError
 from dataset.locks import folder_lock
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, class_name_text, fail,
                        interrupt_on_sigterm, model_request, non_negative_float, positive_int,
                        probability)
-from utils.inference import InputError, find_inputs, find_references, predict_folder
+from utils.inference import (InputError, OnnxDetector, find_inputs, find_references,
+                             predict_folder)
+from utils.onnx_detector import providers_for, require_runtime
 from utils.misc import resolve_device, set_seed
-from utils.provenance import provenance
+from utils.provenance import file_sha256, provenance
 from utils.results import OutputError, make_output_folder
 
 LOCK_FILE = ".predict.lock"
+# Defaults of the settings that an exported file fixes (with --onnx: the file's).
+DEFAULTS = {"seed": 111, "sample_num": 10, "fewshot_weight": 1.0}
 
 
 def warn(message: str) -> None:
@@ -75,6 +81,49 @@ def load_detector(args):
         precision=args.precision, verify=not args.no_verify, **model_request(args))
 
 
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load_onnx(args) -> OnnxDetector:
+    """The exported file of --onnx. The settings it fixes that were given must be its own (one
+    line naming each that differs and the file's value); those not given are taken from it."""
+    ort = require_runtime()
+    providers = providers_for(args.device, ort.get_available_providers())
+    if providers[0] == "CUDAExecutionProvider" and args.device_id is not None:
+        providers[0] = ("CUDAExecutionProvider", {"device_id": args.device_id})
+    detector = OnnxDetector(args.onnx, providers)
+    spec = detector.metadata.get("model_spec") or {}
+    fixed = {"--seed": (args.seed, detector.seed),
+             "--sample_num": (args.sample_num, detector.sample_num),
+             "--image_size": (args.image_size, detector.image_size),
+             "--features_list": (args.features_list, detector.layers),
+             "--fewshot_weight": (args.fewshot_weight, detector.fewshot_weight),
+             **{f"--{k}": (getattr(args, k), spec[k]) for k in (
+                 "prompt_num", "prompt_context_len", "prompt_state_len", "num_flows",
+                 "activation") if k in spec}}
+    differ = [f"{flag} {_shown(given)} (the file has {_shown(own)})"
+              for flag, (given, own) in fixed.items() if given is not None and given != own]
+    if differ:
+        raise SettingsError(f"{args.onnx} was exported with other settings: {'; '.join(differ)}; "
+                            f"drop these flags to use the file's, or export it again with them")
+    if args.precision != "fp32":
+        raise SettingsError(f"--precision {args.precision} applies to the PyTorch path: "
+                            f"{args.onnx} computes in float32; drop --precision")
+    if args.uncertainty and not detector.uncertainty:
+        raise SettingsError(f"--uncertainty needs the spreads, which {args.onnx} was exported "
+                            f"without: export it again with --uncertainty")
+    if args.reference:
+        detector.reference_bank(args.reference)       # baked in at export: one line
+    if args.class_name is not None:
+        detector.check_class(args.class_name)
+    args.seed, args.sample_num = detector.seed, detector.sample_num
+    args.fewshot_weight = detector.fewshot_weight
+    return detector
+
+
 def load_references(detector, paths: list[str]):
     """The few-shot bank of the --reference images (each read by range; an unreadable one is
     one line)."""
@@ -84,9 +133,15 @@ def load_references(detector, paths: list[str]):
 
 
 def run(args) -> dict:
-    """Find the inputs (an error before any weights are read when there are none), load the
-    weights, score, write the outputs; returns what predictions.json holds."""
-    inputs = find_inputs(args.input, args.out, args.class_name, args.calibrate)
+    """Find the inputs (an error before any weights are read when there are none; with --onnx
+    the file is opened first, for its class name), load the weights, score, write the
+    outputs; returns what predictions.json holds."""
+    exported = load_onnx(args) if args.onnx else None
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    class_name = args.class_name or (exported.class_name if exported else None)
+    inputs = find_inputs(args.input, args.out, class_name, args.calibrate)
     references = find_references(args.reference, args.out) if args.reference else None
     for spec, reason in inputs.unmatched:
         warn(f"no images in '{spec}': {reason}")
@@ -112,19 +167,27 @@ def run(args) -> dict:
     with folder_lock(os.path.join(args.out, LOCK_FILE),
                      f"--out {args.out} is being written by another predict.py",
                      "no predict.py is running", OutputError):
-        detector = load_detector(args)
-        detector.fewshot_weight = args.fewshot_weight
-        bank = load_references(detector, references) if references else None
+        if exported is not None:
+            detector, bank = exported, None
+            settings = {**vars(args), "model_spec": exported.metadata.get("model_spec"),
+                        "onnx": {"sha256": file_sha256(args.onnx),
+                                 "providers": exported.providers,
+                                 "metadata": exported.metadata}}
+        else:
+            detector = load_detector(args)
+            detector.fewshot_weight = args.fewshot_weight
+            bank = load_references(detector, references) if references else None
+            settings = {**vars(args), "model_spec": detector.spec.to_dict()}
+        weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
         set_seed(args.seed)
-        settings = {**vars(args), "model_spec": detector.spec.to_dict()}
         result = predict_folder(
             detector, inputs, args.out, threshold=args.threshold, calibrate=args.calibrate,
             percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
             overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
             progress=not args.no_progress, settings=settings, uncertainty=args.uncertainty,
             references=bank, extra=lambda: {"provenance": provenance(
-                settings, args.pretrained_path, args.checkpoint_path, device=detector.device,
-                precision=args.precision, started=started)})
+                settings, *weights, device=detector.device, precision=args.precision,
+                started=started)})
     if not result["predictions"]:
         raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
                          f"in {result['files']['csv']}): check the files")
@@ -152,8 +215,15 @@ def get_parser() -> argparse.ArgumentParser:
                         "of each image's folder")
     p.add_argument("--out", default="./predictions", help="output folder")
     add_model_arguments(p, from_checkpoint=True)
-    p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="a file written by export.py, scored with ONNX Runtime instead of "
+                        "--pretrained_path / --checkpoint_path (CPU, or CUDA with "
+                        "onnxruntime-gpu and --device cuda); its class, seed, R, image size "
+                        "and references are fixed in it")
+    p.add_argument("--sample_num", type=positive_int, default=None,
+                   help="Monte Carlo samples R (default 10; with --onnx, the file's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the prompt noise (default 111; with --onnx, the file's)")
     p.add_argument("--batch_size", type=positive_int, default=8,
                    help="images per forward (one class per batch)")
     add_runtime_arguments(p)
@@ -170,8 +240,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="good images of the part (files, folders or glob patterns): the few-shot "
                         "mode, the anomaly map plus --fewshot_weight times each patch's distance "
                         "to the references' patches (calibrate on other good images)")
-    p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
-                   help="weight of the few-shot map in the anomaly map (with --reference)")
+    p.add_argument("--fewshot_weight", type=non_negative_float, default=None,
+                   help="weight of the few-shot map in the anomaly map (with --reference; "
+                        "default 1; with --onnx, the file's)")
     p.add_argument("--no_overlay", action="store_true", help="skip the heat-map overlays")
     p.add_argument("--uncertainty", action="store_true",
                    help="also the spread over the prompt samples: a score_std column and a "

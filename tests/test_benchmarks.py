@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from benchmarks import evaluation_memory, inference, metrics, train_step
+from benchmarks import onnx as onnx_benchmark
 from benchmarks.common import default_image_size, default_layers
 
 TINY = ["--geometry", "tiny", "--image_size", "28", "--iters", "1", "--warmup", "0"]
@@ -127,3 +128,25 @@ def test_make_batch_labels_follow_masks():
     assert np.array_equal(batch["mask"].flatten(1).amax(1).numpy() > 0,
                           batch["label"].numpy() == 1)
     assert batch["cls_name"] == ["a", "b", "a", "b"]
+
+
+def test_onnx_tiny_against_pytorch(capsys):
+    """Export, float16 and int8 files, timings and differences (about 35 s here, on a shared
+    machine)."""
+    assert onnx_benchmark.main(TINY + ["--sample_num", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "export: trace and conversion" in out and "int8 quantisation" in out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines()
+            if line.startswith(("PyTorch", "ONNX Runtime"))}
+    assert {"PyTorch", "ONNX Runtime, float32", "ONNX Runtime, float16 weights",
+            "ONNX Runtime, dynamic int8"} <= set(rows)
+    fp32 = rows["ONNX Runtime, float32"]
+    assert float(fp32[-1]) < 1e-4 and float(fp32[-2]) < 1e-4      # maps, scores
+    assert "x PyTorch's time per image" in out
+
+
+def test_onnx_benchmark_takes_fp32_only(capsys):
+    with pytest.raises(SystemExit) as e:
+        onnx_benchmark.main(TINY + ["--precision", "bf16"])
+    assert e.value.code == 2
+    assert "the files compute in float32" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The dependency direction of the code, read from the import statements of every file:
 
-    scripts (train.py, test.py, predict.py, demo.py, app.py, benchmarks/)
+    scripts (train.py, test.py, predict.py, demo.py, app.py, export.py, benchmarks/)
         -> engine (utils/)
             -> dataset/ -> models/
 
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("models", "dataset", "utils", "benchmarks")
-SCRIPTS = ("train", "test", "predict", "demo", "app")
+SCRIPTS = ("train", "test", "predict", "demo", "app", "export")
 # package -> the project packages it may import (besides itself)
 ALLOWED = {"models": set(), "dataset": {"models"}, "utils": {"models", "dataset"},
            "benchmarks": {"models", "dataset", "utils"}}

@@ -11,6 +11,9 @@ command line over :func:`predict_folder`; in a notebook:
     summary = predict_folder(det, ["my_parts/"], "predictions", class_name="metal nut",
                              calibrate="known_good_parts/")
 
+An exported file (export.py) runs the same way: ``predict_images(OnnxDetector("part.onnx"),
+images, "metal nut", seed=111)`` (the class and the seed must be the file's).
+
 The score of an image is the mean of its text score (mean abnormal probability of the prompt
 pairs) and its map score (mean of the top-k anomaly-map values, k as the official protocol):
 both in [0, 1]. The official per-class min-max needs a whole test set and is not applied.
@@ -40,12 +43,14 @@ from models.imaging import preprocess, preprocess_image, to_pil_image
 from models.noise import shared_noise
 from utils.discovery import (ImageItem, collect_images, group_by_class, overlay_names,
                              why_no_images)
+from utils.onnx_detector import OnnxDetector
 from utils.protocol import gaussian_smooth, topk_for_class
 from utils.results import OutputError, write_text
 from utils.visualize import heat_overlay, save_rgb
 
 __all__ = ["CSV_COLUMNS", "InputError", "Inputs", "STD_SCALE", "calibrate_threshold", "decide",
-           "csv_text", "find_inputs", "find_references", "image_list", "iter_scores", "predict_folder", "predict_images",
+           "csv_text", "find_inputs", "find_references", "image_list", "iter_scores", "OnnxDetector",
+           "predict_folder", "predict_images",
            "preprocess", "references_of", "save_overlay", "write_outputs"]
 
 CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
@@ -145,14 +150,16 @@ def predict_images(detector, images, class_name: str | Sequence[str],
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
     bank = references_of(detector, references, exif_transpose)
-    dim = detector.model.prompt_context.shape[-1]
+    baked = isinstance(detector, OnnxDetector)
+    if baked:
+        detector.check_seed(seed)           # an exported file has its seed's noise baked in
     results = []
     for start in range(0, len(images), batch_size):
         chunk = [to_pil_image(im, exif_transpose) for im in images[start:start + batch_size]]
         batch = torch.stack([preprocess_image(im, detector.image_size) for im in chunk])
         chunk_names = names[start:start + batch_size]
-        noise = None if seed is None else shared_noise(detector.sample_num, len(chunk), dim,
-                                                       seed)
+        noise = None if seed is None or baked else shared_noise(
+            detector.sample_num, len(chunk), detector.model.prompt_context.shape[-1], seed)
         ks = [min(topk_for_class(name), detector.image_size ** 2) for name in chunk_names]
         out = detector.predict(batch, chunk_names, noise, return_std, ks if return_std else None,
                                references=bank)
@@ -377,6 +384,19 @@ def find_references(references: Sequence[str], out: str | None = None) -> list[s
     return found
 
 
+def _references_record(detector, bank: ReferenceBank | None) -> dict | None:
+    """predictions.json's record of the few-shot references (those baked into an exported
+    file too)."""
+    if bank is not None:
+        return {"n_images": bank.count, "paths": list(bank.paths),
+                "fewshot_weight": detector.fewshot_weight}
+    if isinstance(detector, OnnxDetector) and detector.references:
+        return {"n_images": detector.references,
+                "paths": list(detector.metadata.get("reference_paths", [])),
+                "fewshot_weight": detector.fewshot_weight, "baked_into": detector.path}
+    return None
+
+
 def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                    class_name: str | None = None, threshold: float | None = None,
                    calibrate: str | None = None, percentile: float = 100.0,
@@ -438,9 +458,7 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                         "n_skipped": len(skipped),
                         "n_not_scored": len(inputs.items) - len(rows) - len(skipped)},
             "score": SCORE_DEFINITION,
-            "references": None if bank is None else {"n_images": bank.count,
-                                                     "paths": list(bank.paths),
-                                                     "fewshot_weight": detector.fewshot_weight},
+            "references": _references_record(detector, bank),
             "settings": {**(settings or {}), "stage": detector.stage},
             "predictions": rows,
             "skipped": skipped,
