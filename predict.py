@@ -82,8 +82,9 @@ def run(args) -> dict:
                  f"the inputs of {', '.join(sorted(classes))} (folder names); pass "
                  "--class_name to use one class name for both")
     started = time.time()
-    make_output_folder(args.out, "--out")
     detector = load_detector(args)
+    detector.model.check_class_names([i.class_name for i in inputs.items + inputs.calibration])
+    make_output_folder(args.out, "--out")
     set_seed(args.seed)
     settings = {**vars(args), "model_spec": detector.spec.to_dict()}
     result = predict_folder(detector, inputs, args.out, threshold=args.threshold,

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
         dataset = AnomalyDataset(args.data_path, args.dataset, mode="test",
                                  image_size=detector.image_size, class_names=args.classes)
         detector.model.wording = dict(dataset_info(args.dataset).wording)
+        detector.model.check_class_names(dataset.class_names)
         make_output_folder(args.save_path)
     except UserError as e:
         logger.error("%s", e)

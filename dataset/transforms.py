@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dataset.errors import DatasetError
+from dataset.files import file_kind
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +40,12 @@ class ImageReadError(DatasetError):
 
 
 def _open(path: str, what: str, exif_transpose: bool = False) -> Image.Image:
-    """The loaded image of a file, independent of the (closed) file."""
+    """The loaded image of a file, independent of the (closed) file. Only a regular file is
+    opened: a FIFO, socket or device would block or never end."""
+    kind = file_kind(path)
+    if kind not in ("regular file", "missing"):
+        raise ImageReadError(f"cannot read {what} {path}: it is a {kind}, not a regular file; "
+                             f"replace it with the image file")
     try:
         with Image.open(path) as handle:
             handle.load()

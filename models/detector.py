@@ -248,6 +248,7 @@ class AnomalyDetector:
         embeddings."""
         images = images.to(self.device, non_blocking=True)
         class_names = self.class_names_of(class_names, images.shape[0])
+        self.model.check_class_names(class_names)     # one SettingsError before any work
         features, tokens = self.encode_images(images)
         out = self.forward_features(features, tokens, class_names, noise, return_std, topk)
         return {**out, "global": features, "tokens": tokens}

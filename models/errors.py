@@ -28,3 +28,7 @@ class WeightsError(UserError, RuntimeError):
 
 class SettingsError(UserError, ValueError):
     """Settings that cannot work together (flags against a checkpoint, bad values)."""
+
+
+class OutputError(UserError, OSError):
+    """An output file or folder that cannot be written (read-only, a file in the way, full)."""

@@ -16,10 +16,12 @@ from tqdm import tqdm
 
 from dataset.registry import is_classification_only
 from models.noise import RunNoise
+from utils.checks import mask_warnings
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
 from utils.results import OutputError, write_results
 from utils.visualize import four_panel, read_rgb, save_rgb
 
+log = logging.getLogger(__name__)
 __all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "evaluate_runs",
            "iterate_classes", "iterate_runs", "write_results"]
 
@@ -197,6 +199,9 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                                     if v is not None))
                 if first is None:
                     first = (outputs, metrics.get("smoothed_maps"), rows[seed])
+                    for line in mask_warnings(outputs.name, outputs.labels,
+                                              outputs.masks if masks_used else None):
+                        (logger or log).warning("%s", line)
                 del metrics
             name = next(iter(by_seed.values())).name
             if on_class:

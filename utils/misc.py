@@ -50,11 +50,13 @@ def setup_logging(log_file: str | None = None, level: int = logging.INFO,
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
-    # models' own log lines (e.g. the position-grid resize) go to the same places
-    models_log = logging.getLogger("models")
-    models_log.handlers = logger.handlers
-    models_log.setLevel(level)
-    models_log.propagate = False
+    # the library's own log lines (e.g. the position-grid resize, a dataset's warnings) go to
+    # the same places
+    for package in ("models", "dataset", "utils"):
+        package_log = logging.getLogger(package)
+        package_log.handlers = logger.handlers
+        package_log.setLevel(level)
+    logging.getLogger("models").propagate = False
     return logger
 
 
