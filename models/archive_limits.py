@@ -39,8 +39,8 @@ __all__ = ["LARGE_ENTRY", "MAX_CHECKPOINT_BYTES", "MAX_CLIP_BYTES", "MAX_COMPRES
            "archive_problem", "check_archive"]
 
 
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.3g} GiB"
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n:,} bytes"
 
 
 def archive_problem(path: str | os.PathLike, max_total: int) -> str | None:
@@ -60,7 +60,7 @@ def archive_problem(path: str | os.PathLike, max_total: int) -> str | None:
         infos = None
     if infos is None:
         if size > max_total:
-            return (f"is {size:,} bytes, more than the {_gib(max_total)} a weights file of this "
+            return (f"is {size:,} bytes, more than the {_size(max_total)} a weights file of this "
                     f"kind may hold")
         return None
     total = 0
@@ -75,7 +75,7 @@ def archive_problem(path: str | os.PathLike, max_total: int) -> str | None:
         return (f"declares {total:,} bytes of entries in a file of {size:,} (more than "
                 f"{MAX_COMPRESSION_RATIO} times; torch stores tensors uncompressed)")
     if total > max_total:
-        return (f"declares {total:,} bytes of entries, more than the {_gib(max_total)} a "
+        return (f"declares {total:,} bytes of entries, more than the {_size(max_total)} a "
                 f"weights file of this kind may hold")
     return None
 

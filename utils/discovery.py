@@ -52,8 +52,11 @@ def _walk_images(root: str, exclude: Sequence[str]) -> list[str]:
                              and not _inside(os.path.join(dirpath, d), exclude))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if not name.startswith(".") and is_image_file(name) and os.path.isfile(path):
-                found.append(path)
+            if name.startswith(".") or not is_image_file(name) or not os.path.isfile(path):
+                continue
+            if os.path.islink(path) and output_pictures_holding(path) is not None:
+                continue                                   # a link to an earlier run's picture
+            found.append(path)
     return found
 
 
