@@ -42,11 +42,15 @@ def is_output_folder(path: PathLike) -> bool:
 
 
 def mark_output_folder(path: PathLike) -> None:
-    """Write the output marker into the existing folder ``path`` (kept when present; OSErrors
-    are the caller's)."""
-    marker = os.path.join(os.fspath(path), OUTPUT_MARKER)
-    if not os.path.isfile(marker):
-        write_text_atomic(marker, MARKER_TEXT)
+    """Write the output marker into the existing folder ``path`` (kept when present, also when
+    two runs mark the folder at once; OSErrors are the caller's)."""
+    try:
+        fd = os.open(os.path.join(os.fspath(path), OUTPUT_MARKER),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(MARKER_TEXT)
 
 
 def is_output_pictures(path: PathLike) -> bool:
