@@ -172,11 +172,12 @@ def run(args: argparse.Namespace, out: str) -> int:
     dataset = AnomalyDataset(data, "demo_eval", mode="test", image_size=IMAGE_SIZE,
                              class_names=UNSEEN_CLASSES)
     loader = make_loader(dataset, batch_size=8, shuffle=False, num_workers=0, seed=args.seed)
-    vis = None if args.no_vis else os.path.join(out, "results", "imgs")
+    results = os.path.join(out, "results")
+    make_output_folder(results, "--out")        # its pictures are never read as inputs
+    vis = None if args.no_vis else os.path.join(results, "imgs")
     seeds = [args.seed + k for k in range(args.eval_seeds)]
     runs = evaluate_runs(detector, loader, "demo_eval", seeds, pro="exact", vis_dir=vis,
                          progress=not args.quiet)
-    results = os.path.join(out, "results")
     settings = {"demo": vars(args), "stage": result.final_stage, "seeds": seeds}
     record = provenance(settings, clip_path, data=[data_record(data, "demo_eval")],
                         device=args.device, started=start)

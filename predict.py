@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from typing import Sequence
@@ -28,6 +29,7 @@ from tabulate import tabulate
 
 from models import AnomalyDetector
 from models.errors import SettingsError, UserError
+from dataset.files import is_output_folder
 from dataset.locks import folder_lock
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, class_name_text, fail,
                        interrupt_on_sigterm, model_request, non_negative_float, positive_int,
@@ -124,6 +126,26 @@ def load_onnx(args) -> OnnxDetector:
     return detector
 
 
+# What predict.py writes into --out (replaced by the next run into the same folder).
+OUTPUTS = ("overlays", "uncertainty", "predictions.csv", "predictions.json")
+
+
+def clear_previous_outputs(out: str) -> list[str]:
+    """Remove what an earlier predict.py wrote into ``out`` (a folder it marked), so that this
+    run's overlays and rows never mix with an older run's; returns what was removed."""
+    removed = []
+    for name in OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name + ("/" if name in ("overlays", "uncertainty") else ""))
+    return removed
+
+
 def load_references(detector, paths: list[str]):
     """The few-shot bank of the --reference images (each read by range; an unreadable one is
     one line)."""
@@ -163,22 +185,29 @@ def run(args) -> dict:
                      f"map is 0, so the threshold comes out too low; calibrate on other good "
                      f"images")
     started = time.time()
+    if exported is not None:
+        detector, bank = exported, None
+        settings = {**vars(args), "model_spec": exported.metadata.get("model_spec"),
+                    "onnx": {"sha256": file_sha256(args.onnx), "providers": exported.providers,
+                             "metadata": exported.metadata}}
+    else:
+        detector = load_detector(args)
+        # every class name and reference checked before anything is written
+        detector.model.check_class_names(
+            [i.class_name for i in inputs.items + inputs.calibration])
+        detector.fewshot_weight = args.fewshot_weight
+        bank = load_references(detector, references) if references else None
+        settings = {**vars(args), "model_spec": detector.spec.to_dict()}
+    weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
+    earlier = is_output_folder(args.out)
     make_output_folder(args.out, "--out")
     with folder_lock(os.path.join(args.out, LOCK_FILE),
                      f"--out {args.out} is being written by another predict.py",
                      "no predict.py is running", OutputError):
-        if exported is not None:
-            detector, bank = exported, None
-            settings = {**vars(args), "model_spec": exported.metadata.get("model_spec"),
-                        "onnx": {"sha256": file_sha256(args.onnx),
-                                 "providers": exported.providers,
-                                 "metadata": exported.metadata}}
-        else:
-            detector = load_detector(args)
-            detector.fewshot_weight = args.fewshot_weight
-            bank = load_references(detector, references) if references else None
-            settings = {**vars(args), "model_spec": detector.spec.to_dict()}
-        weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
+        if earlier:
+            replaced = clear_previous_outputs(args.out)
+            if replaced:
+                warn(f"replaced the previous run's {', '.join(replaced)} in {args.out}")
         set_seed(args.seed)
         result = predict_folder(
             detector, inputs, args.out, threshold=args.threshold, calibrate=args.calibrate,

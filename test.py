@@ -23,6 +23,7 @@ import time
 import torch
 
 from dataset.data import AnomalyDataset, make_loader
+from dataset.files import is_output_folder
 from dataset.locks import folder_lock
 from dataset.registry import dataset_info
 from dataset.shots import draw_references
@@ -108,10 +109,12 @@ def main(argv=None) -> int:
                                  image_size=detector.image_size, class_names=args.classes)
         # the registry's prompt wording, then the meta file's (a folder dataset's words)
         detector.model.wording = {**dataset_info(args.dataset).wording, **dataset.wording}
+        detector.model.check_class_names(dataset.class_names)
         seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
         shot_seeds = list(dict.fromkeys(args.shot_seeds)) if args.k_shot else []
         drawn = (draw_references(args.data_path, args.dataset, dataset.class_names,
                                  args.k_shot, shot_seeds) if args.k_shot else None)
+        earlier = is_output_folder(args.save_path)      # an earlier run's folder
         make_output_folder(args.save_path)
     except UserError as e:
         logger.error("%s", e)
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
         with folder_lock(os.path.join(args.save_path, LOCK_FILE),
                          f"--save_path {args.save_path} is being written by another test.py",
                          "no test.py is running", OutputError):
-            return evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device)
+            return evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, earlier)
     except UserError as e:
         logging.getLogger("bayes_pfl").error("%s", e)
         return 1
@@ -132,11 +135,12 @@ def main(argv=None) -> int:
         return 130
 
 
-def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device) -> int:
+def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, earlier: bool) -> int:
     """The evaluation proper, with --save_path locked: the previous run's outputs of this
-    dataset replaced, results written class by class as incomplete files, renamed to the
-    final ones once every class is in."""
-    replaced = clear_previous_outputs(args.save_path, args.dataset, dataset.class_names)
+    dataset replaced (its pictures only in a folder a run marked), results written class by
+    class as incomplete files, renamed to the final ones once every class is in."""
+    replaced = clear_previous_outputs(args.save_path, args.dataset,
+                                      dataset.class_names if earlier else [])
     logger = setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"), mode="w")
     if replaced:
         logger.info("replaced the previous run's outputs: %s", ", ".join(replaced))
@@ -204,8 +208,9 @@ def run_name(key, dataset: str) -> str:
 
 def clear_previous_outputs(save_path: str, dataset: str, classes) -> list[str]:
     """Remove what an earlier test.py run of ``dataset`` wrote into ``save_path`` (its result
-    files, complete or incomplete, its log and the pictures of the classes evaluated now), so
-    that this run's files never mix with an older run's. Returns what was removed."""
+    files, complete or incomplete, its log, and the pictures of ``classes``, the classes
+    evaluated now), so that this run's files never mix with an older run's. Returns what was
+    removed."""
     removed = []
     pattern = re.compile(rf"^(seed-?\d+_(shot-?\d+_)?)?results_{re.escape(dataset)}"
                          rf"({re.escape(INCOMPLETE)})?\.(csv|json)$")

@@ -25,8 +25,10 @@ the other samples, and ``set_epoch`` gives each epoch its own draws.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -36,11 +38,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.augment import augment_rgb
 from dataset.errors import DatasetError
+from dataset.files import file_kind
 from dataset.registry import REGISTRY, dataset_info
 from dataset.transforms import (CLIP_MEAN, CLIP_STD, ImageReadError, binary_mask,
                                 is_high_bit_depth, preprocess_image, preprocess_mask, read_image,
                                 read_mask, rgb_array, to_8bit)
 from models.errors import InputError
+
+log = logging.getLogger(__name__)
+# Modes of mask files read as they are meant: one grey channel (binarised at > 0). Any other
+# (RGB, RGBA, palette, grey + alpha, ...) is converted to grey first and warned about.
+GREY_MASK_MODES = frozenset({"1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+IMAGE_METRIC_NAMES = "auroc_sp, ap_sp, f1_sp"
 
 # Kept for code that imports them from here; the registry is the source.
 CLASSIFICATION_ONLY = frozenset(n for n, i in REGISTRY.items() if i.classification_only)
@@ -100,6 +109,17 @@ def load_meta(root: str, dataset_name: str) -> dict:
             f"dataset/make_meta.py --data_root {root} --dataset {dataset_name}`."
         )
     return meta
+
+
+def mask_file_mode(path: str) -> str | None:
+    """The PIL mode of an image file, read from its header (None when it cannot be read)."""
+    if file_kind(path) != "regular file":
+        return None
+    try:
+        with Image.open(path) as handle:
+            return handle.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,8 +223,9 @@ class AnomalyDataset(Dataset):
             if not isinstance(entries, list):
                 raise DatasetError(f"Class {cls_name!r} in {self.meta_file} is not a list of "
                                    f"samples; recreate the meta file with dataset/make_meta.py.")
-            kept = [self._check_sample(entry, cls_name) for entry in entries
-                    if isinstance(entry, dict) and entry.get("img_path")]
+            kept = [self._check_sample(entry, cls_name, index)
+                    for index, entry in enumerate(entries)]
+            self._warn_repeated(kept, cls_name)
             if not kept:
                 raise DatasetError(
                     f"Class {cls_name!r} of {dataset_name} has no test images in "
@@ -218,24 +239,95 @@ class AnomalyDataset(Dataset):
             pool = self.anomalous_indices.setdefault(sample["cls_name"], [])
             if sample["label"] == 1:
                 pool.append(index)
+        if self.mode == "test":
+            self._warn_one_kind()
+        if not self.classification_only:
+            self._warn_colour_masks()
 
-    def _check_sample(self, entry: dict, cls_name: str) -> dict:
+    def _check_sample(self, entry, cls_name: str, index: int) -> dict:
+        """One test-split entry as a sample, or one DatasetError naming the meta file, the
+        class and the entry's index. (Placeholder entries with empty paths belong to the
+        "train" split, which is never read.)"""
+        where = f"Entry {index} of class {cls_name!r} in {self.meta_file}"
+        remake = "recreate the meta file with dataset/make_meta.py"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where} is a {type(entry).__name__}, not a sample "
+                               f"{{img_path, mask_path, cls_name, anomaly}}; {remake}.")
+        img_path = entry.get("img_path")
+        if not isinstance(img_path, str) or not img_path:
+            raise DatasetError(
+                f"{where} has {'no' if not img_path else 'a non-text'} img_path "
+                f"({img_path!r}): every test entry needs its image (empty paths are "
+                f"placeholders of the 'train' split only); fix the entry or {remake}.")
+        own = entry.get("cls_name")
+        if own not in (None, "") and own != cls_name:
+            raise DatasetError(
+                f"{where} ({img_path}) says cls_name {own!r}: an entry belongs to the class it "
+                f"is listed under ({cls_name!r}); move it under {own!r} or fix its cls_name.")
         anomaly = entry.get("anomaly")
         if isinstance(anomaly, bool):
             anomaly = int(anomaly)
         if anomaly not in (0, 1):
             raise DatasetError(
-                f"Sample {entry.get('img_path')} in {self.meta_file} has anomaly={anomaly!r} "
-                f"(expected 0 or 1); recreate the meta file with dataset/make_meta.py."
+                f"Sample {img_path} ({where}) has anomaly={anomaly!r} (expected 0 or 1); "
+                f"{remake}."
             )
         mask_path = entry.get("mask_path") or ""
+        if not isinstance(mask_path, str):
+            raise DatasetError(f"{where} ({img_path}) has a non-text mask_path "
+                               f"({mask_path!r}); fix the entry or {remake}.")
         return {
-            "img_path": os.path.join(self.root, entry["img_path"]),
+            "img_path": os.path.join(self.root, img_path),
             "mask_path": os.path.join(self.root, mask_path) if mask_path else "",
-            "cls_name": entry.get("cls_name") or cls_name,
+            "cls_name": cls_name,
             "specie_name": entry.get("specie_name") or ("anomaly" if anomaly else "good"),
             "label": int(anomaly),
         }
+
+    def _warn_repeated(self, samples: list[dict], cls_name: str) -> None:
+        """One warning line for a class whose entries repeat an image (each copy is scored
+        and counted)."""
+        counts = Counter(s["img_path"] for s in samples)
+        repeated = {path: n for path, n in counts.items() if n > 1}
+        if repeated:
+            first = next(iter(repeated))
+            log.warning("class %s of %s: %d image(s) are listed more than once in %s (e.g. %s, "
+                        "%d times); each copy is scored and counted in the metrics",
+                        cls_name, self.dataset_name, len(repeated), self.meta_file, first,
+                        repeated[first])
+
+    def _warn_one_kind(self) -> None:
+        """One warning line for each class whose test images are all normal or all
+        anomalous: the metrics that need both kinds will be n/a."""
+        for cls_name in self.class_names:
+            labels = [s["label"] for s in self.samples if s["cls_name"] == cls_name]
+            anomalous = sum(labels)
+            normal = len(labels) - anomalous
+            if anomalous and normal:
+                continue
+            na = (f"its image metrics ({IMAGE_METRIC_NAMES}) and pixel metrics will be n/a"
+                  if not anomalous else f"its image metrics ({IMAGE_METRIC_NAMES}) will be n/a")
+            log.warning("class %s of %s has %d normal and %d anomalous test images: %s",
+                        cls_name, self.dataset_name, normal, anomalous, na)
+
+    def _warn_colour_masks(self) -> None:
+        """One warning line for each class whose mask files are not single-channel images
+        (read from the file headers; files that cannot be opened are reported when read)."""
+        for cls_name in self.class_names:
+            modes: Counter = Counter()
+            paths = [s["mask_path"] for s in self.samples
+                     if s["cls_name"] == cls_name and s["label"] == 1 and s["mask_path"]]
+            for path in paths:
+                mode = mask_file_mode(path)
+                if mode is not None and mode not in GREY_MASK_MODES:
+                    modes[mode] += 1
+            if modes:
+                log.warning(
+                    "class %s of %s: %d of %d masks are not single-channel images (%s): they "
+                    "are converted to grey and every non-zero pixel counts as a defect; check "
+                    "them, or save them as one-channel 0/255 images", cls_name,
+                    self.dataset_name, sum(modes.values()), len(paths),
+                    ", ".join(f"{m} {n}" for m, n in sorted(modes.items())))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -288,6 +380,14 @@ class AnomalyDataset(Dataset):
         """The network input [3, S, S] of an image file read as this dataset's images are (the
         few-shot references of test.py)."""
         return preprocess_image(self.read_file(path), self.image_size)
+
+    def read_full_mask(self, index: int) -> np.ndarray | None:
+        """The full-size {0, 255} mask [H, W] of sample ``index`` alone (None for normal
+        samples and classification-only data), without reading its image."""
+        sample = self.samples[index]
+        if not self._has_mask(sample):
+            return None
+        return binary_mask(read_mask(self._mask_file(sample)))
 
     def read_sample(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         """The image of sample ``index`` as opened, and its full-size {0, 255} mask (None for

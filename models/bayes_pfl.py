@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SettingsError
 from .heads import RCA, Fuse
 from .losses import dice_loss, focal_loss, orthogonality_loss
 from .prompt_flow import (Decoder, FlowSamples, GaussianEncoder, ImageAgnosticFlow,
                           ImageSpecificFlow, kl_term)
-from .tokenizer import tokenize
+from .tokenizer import CONTEXT_LENGTH, default_tokenizer, tokenize
 from .wording import prompt_class_name
 
 # How the text tower runs: "packed" (default): sequences cut after the last end token, each
@@ -100,6 +101,7 @@ class BayesPFL(nn.Module):
         # class name -> prompt words beyond the official wording (a dataset's registry row)
         self.wording: dict[str, str] = {}
         self._class_tokens: dict[str, torch.Tensor] = {}
+        self._text_tokens: dict[str, int] = {}          # class text -> its token count
 
     @property
     def text_mode(self) -> str:
@@ -176,16 +178,58 @@ class BayesPFL(nn.Module):
         abnormal_p = torch.cat([ctx, state(self.prompt_state_abnormal, abnormal)], dim=3)
         return torch.stack([normal_p, abnormal_p], dim=1)
 
+    @staticmethod
+    def text_positions(n_tokens: int, m: int) -> int:
+        """Positions the text tower runs for a class text of ``n_tokens`` tokens ([SOS], "X",
+        the name, [EOT]) once its "X" is replaced by ``m`` prompt vectors."""
+        return n_tokens + m - 1
+
+    def name_token_limit(self, context_length: int = CONTEXT_LENGTH) -> int:
+        """The most tokens a worded class name may have: the text tower's positions hold
+        [SOS], the P+Q prompt vectors (in place of "X"), the name and [EOT]."""
+        m = self.prompt_context_len + self.prompt_state_len
+        return context_length - self.text_positions(3, m)
+
+    def _too_long(self, what: str, n_name: int, context_length: int) -> str:
+        m = self.prompt_context_len + self.prompt_state_len
+        limit = self.name_token_limit(context_length)
+        return (f"{what} is too long for the text tower: it is {n_name} tokens, and beside "
+                f"[SOS], the {m} prompt vectors and [EOT] at most {limit} tokens fit in its "
+                f"{context_length} positions (a common word is one token, a long or rare one "
+                f"several); use a shorter class name")
+
     def _text_length(self, tokens: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
         """End-token index of each row after inserting m prompt vectors (CPU) and the number
         of positions the text tower runs (the cut, or the full context)."""
         ctx_len = tokens.shape[1]
-        eot = tokens.cpu().argmax(dim=-1) + m - 1               # [B] end token after insertion
+        counts = tokens.cpu().argmax(dim=-1) + 1                # [B] tokens up to [EOT]
+        eot = self.text_positions(counts, m) - 1                # [B] end token after insertion
         last = int(eot.max())                                   # from CPU tokens: no device sync
         if last >= ctx_len:
-            raise ValueError(f"a class name is too long: with {m} prompt vectors its text "
-                             f"needs more than {ctx_len} positions; use a shorter class name")
+            raise SettingsError(self._too_long("a class name", int(counts.max()) - 3, ctx_len))
         return eot, (ctx_len if self.text_mode == "full" else last + 1)
+
+    def check_class_names(self, class_names: Sequence[str] | str) -> None:
+        """Raise one SettingsError naming the first class name (as worded in the prompt:
+        ``wording``, the official rewording, lower case) that is not text or whose prompt
+        does not fit the text tower's context with the P+Q prompt vectors; returns None when
+        every name fits. Cheap: each text is tokenized once per model."""
+        names = [class_names] if isinstance(class_names, str) else list(class_names)
+        for name in dict.fromkeys(names):
+            if not isinstance(name, str):
+                raise SettingsError(f"a class name must be text, not {type(name).__name__} "
+                                    f"{name!r}")
+            words = prompt_class_name(name, self.wording)
+            text = "X " + words
+            if text not in self._text_tokens:
+                self._text_tokens[text] = len(default_tokenizer().encode(text)) + 2
+            n_tokens = self._text_tokens[text]
+            m = self.prompt_context_len + self.prompt_state_len
+            if self.text_positions(n_tokens, m) > CONTEXT_LENGTH:
+                shown = name if len(name) <= 60 else name[:57] + "..."
+                said = "" if words == name.lower() else f" (worded {words[:40]!r})"
+                raise SettingsError(self._too_long(f"class name {shown!r}{said}", n_tokens - 3,
+                                                   CONTEXT_LENGTH))
 
     def encode_prompts(self, clip, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Prompt vectors [B, ..., P+Q, W] inserted at the "X" token of each image's class

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .archive_limits import MAX_CHECKPOINT_BYTES, check_archive
 from .weights import BAYES_WEIGHTS, check_state_dict
-from .errors import WeightsError
+from .errors import OutputError, WeightsError
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def _load(path: str):
                 "train one with train.py or download train_visa.pth / train_mvtec.pth "
                 "(see bayes_weight/README.md)")
         raise WeightsError(f"Bayes-PFL checkpoint not found at '{path}': {hint}")
+    check_archive(path, MAX_CHECKPOINT_BYTES, "Bayes-PFL checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -127,13 +129,32 @@ def save_checkpoint(model: torch.nn.Module, path: str, stage: int | None = None,
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """``torch.save`` to a temporary file beside ``path``, flushed to the disk, then renamed
+    over it: ``path`` is either the previous file or the complete new one. A write that fails
+    (full disk, read-only or missing folder, a file in the way) removes the temporary file and
+    is one OutputError naming ``path``."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # through a Python file, so that every failed write is an OSError with its errno
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        _remove_quietly(tmp)
+        raise OutputError(f"cannot write {path} ({error.strerror or error}): free some space "
+                          f"or choose another --save_path; nothing was left half-written "
+                          f"(the previous {os.path.basename(path)}, if any, is unchanged)"
+                          ) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

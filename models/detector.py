@@ -339,6 +339,7 @@ class AnomalyDetector:
         embeddings."""
         images = self.check_images(images)
         class_names = self.class_names_of(class_names, images.shape[0])
+        self.model.check_class_names(class_names)     # one SettingsError before any work
         if references is not None and not isinstance(references, ReferenceBank):
             raise InputError(f"references must be a bank from AnomalyDetector.reference_bank(), "
                              f"not a {type(references).__name__}")

@@ -30,6 +30,10 @@ class SettingsError(UserError, ValueError):
     """Settings that cannot work together (flags against a checkpoint, bad values)."""
 
 
+class OutputError(UserError, OSError):
+    """An output file or folder that cannot be written (read-only, a file in the way, full)."""
+
+
 class InputError(UserError, ValueError):
     """Images given to the API or a script that cannot be scored (no image, an unreadable file,
     an array or tensor of a shape, type or range that is not an image)."""

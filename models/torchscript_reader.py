@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .archive_limits import MAX_CLIP_BYTES, archive_problem
+
 __all__ = ["ArchiveFormatError", "UnsafeArchiveError", "is_torchscript_archive",
            "read_torchscript_state_dict"]
 
@@ -265,14 +267,23 @@ def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor], path: list[int
         _flatten(sub, f"{prefix}{name}.", out, path + [id(obj)])
 
 
-def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_torchscript_state_dict(path: str | os.PathLike, max_bytes: int = MAX_CLIP_BYTES
+                                ) -> dict[str, torch.Tensor]:
     """The parameters and buffers of a TorchScript archive (or a zip-format ``torch.save``
     of a state dict) as CPU tensors, keyed and ordered as ``torch.jit.load(path)
     .state_dict()``; tensors that share a storage in the file share it here too.
 
     Raises :class:`UnsafeArchiveError` when ``data.pkl`` references a global outside the
-    allow-list and :class:`ArchiveFormatError` when the file is not a readable archive."""
+    allow-list or the archive declares more bytes than ``max_bytes`` or than its compression
+    allows (``models.archive_limits``; checked before any entry is read), and
+    :class:`ArchiveFormatError` when the file is not a readable archive."""
     path = os.fspath(path)
+    try:
+        problem = archive_problem(path, max_bytes)
+    except OSError:
+        raise ArchiveFormatError(f"'{path}' does not exist or cannot be read") from None
+    if problem is not None:
+        raise UnsafeArchiveError(f"'{path}' {problem}; refusing to read it")
     try:
         with zipfile.ZipFile(path) as zf:
             prefix = _archive_prefix(zf.namelist())

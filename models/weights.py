@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .archive_limits import MAX_CLIP_BYTES, check_archive
 from .clip import CLIP, CLIPGeometry, make_activation
 from .errors import WeightsError
 from .torchscript_reader import (ArchiveFormatError, UnsafeArchiveError, is_torchscript_archive,
@@ -148,10 +149,12 @@ def _read_archive(path: str) -> dict[str, torch.Tensor]:
 def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an OpenAI TorchScript archive or a plain state dict to a state dict of CPU
     tensors (extra archive entries dropped, wrappers stripped). No file is ever executed:
-    archives are read by a restricted unpickler, state dicts with ``weights_only=True``."""
+    archives are read by a restricted unpickler, state dicts with ``weights_only=True``; a
+    file whose declared sizes exceed ``models.archive_limits``' bounds is refused first."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(_missing_file_message(path))
+    check_archive(path, MAX_CLIP_BYTES, "CLIP file")
     if is_torchscript_archive(path):
         sd = _read_archive(path)
     else:

@@ -135,11 +135,16 @@ def test_class_filter_and_unknown_class(root):
     assert "'carpet'" in str(error.value) and "pill, weave" in str(error.value)
 
 
-def test_placeholders_skipped_and_classification_only(root, tmp_path):
+def test_placeholders_refused_in_test_split_and_classification_only(root, tmp_path):
     meta = _meta(root)
     placeholder = {"img_path": "", "mask_path": "", "cls_name": "pill", "specie_name": "good",
                    "dataset_name": "", "anomaly": 0}
-    test = {"pill": [placeholder] + meta["test"]["pill"]}
+    # placeholders belong to the "train" split (never read); in "test" an entry without its
+    # image is an error naming it, not a silently smaller test set
+    _write_meta(root, "copy", {"pill": [placeholder] + meta["test"]["pill"]})
+    with pytest.raises(DatasetError, match=r"Entry 0 of class 'pill' .* has no img_path"):
+        AnomalyDataset(root, "copy", image_size=32)
+    test = {"pill": meta["test"]["pill"]}
     for name in ("copy", "HeadCT"):
         _write_meta(root, name, test)
     dataset = AnomalyDataset(root, "copy", image_size=32)

@@ -9,6 +9,7 @@ import json
 import pytest
 
 import demo
+from dataset.files import OUTPUT_MARKER, is_output_folder
 
 
 @pytest.mark.slow
@@ -24,5 +25,8 @@ def test_demo_learns_on_unseen_categories(tmp_path, capsys):
     assert "±" in printed
     for seed in res["seeds"]:
         assert (tmp_path / "results" / f"seed{seed}_results_demo_eval.json").is_file()
-    # only the files it shows: no per-epoch checkpoints, no resumable state
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["best.pth", "train.log"]
+    # only the files it shows: no per-epoch checkpoints, no resumable state (and the marker
+    # of an output folder)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [OUTPUT_MARKER, "best.pth",
+                                                                      "train.log"]
+    assert is_output_folder(tmp_path / "results")

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from dataset.files import OUTPUT_MARKER
 from dataset.synthetic import write_standard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +136,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(synth, tin
     train(config(synth, tiny_files[0], save, epochs=1, overwrite=True))
     names = sorted(p.name for p in save.iterdir())
     assert "epoch_post_9_2.pth" not in names and "last.pth.tmp4242" not in names
-    assert names == ["best.pth", "epoch_post_1_1.pth", "last.pth", "train.log"]
+    assert names == [OUTPUT_MARKER, "best.pth", "epoch_post_1_1.pth", "last.pth", "train.log"]
     assert (save / "train.log").read_text().count("arguments:") == 1
 
 
@@ -151,7 +152,8 @@ def test_two_trainings_never_write_one_folder(synth, tiny_files, tmp_path):
         (save / ".train.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
         with pytest.raises(TrainingError, match="being written by another train.py"):
             train(config(synth, tiny_files[0], save, epochs=1))
-        assert sorted(p.name for p in save.iterdir()) == [".train.lock"]
+        # nothing but the output folder's marker (make_output_folder, before the lock)
+        assert sorted(p.name for p in save.iterdir()) == [OUTPUT_MARKER, ".train.lock"]
     finally:
         holder.kill()
         holder.wait()

@@ -1,6 +1,14 @@
 """Finding the images a user names: files, folders (searched recursively) and glob patterns,
 each file once, with the class name put in its prompt and the relative path that names its
-overlay."""
+overlay.
+
+Only regular files are ever yielded (symbolic links to regular files count): a FIFO, socket or
+device named ``x.png`` would block the reader or never end. Pictures an earlier run wrote (the
+picture sub-folders of an output folder, ``dataset.files.OUTPUT_PICTURE_DIRS``) are never
+yielded either, however they are named: by a folder above them, a glob or the file's own path.
+A named file or folder that gives nothing for one of these reasons is reported by
+:func:`why_no_images`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,8 @@ import glob
 import os
 from typing import Callable, NamedTuple, Sequence
 
-from dataset.files import is_image_file
+from dataset.files import (OUTPUT_MARKER, OUTPUT_PICTURE_DIRS, file_kind, is_image_file,
+                           output_pictures_holding)
 
 
 class ImageItem(NamedTuple):
@@ -31,15 +40,29 @@ def _inside(path: str, folders: Sequence[str]) -> bool:
 
 
 def _walk_images(root: str, exclude: Sequence[str]) -> list[str]:
-    """Image files under ``root`` (recursively, sorted; hidden entries and ``exclude``
-    folders left out)."""
+    """Regular image files under ``root`` (recursively, sorted; hidden entries, ``exclude``
+    folders and the picture sub-folders of output folders left out)."""
+    if output_pictures_holding(root) is not None:
+        return []
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
+        marked = OUTPUT_MARKER in filenames                # an output folder: skip its pictures
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not (marked and d in OUTPUT_PICTURE_DIRS)
                              and not _inside(os.path.join(dirpath, d), exclude))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if not f.startswith(".") and is_image_file(f))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or not is_image_file(name) or not os.path.isfile(path):
+                continue
+            if os.path.islink(path) and output_pictures_holding(path) is not None:
+                continue                                   # a link to an earlier run's picture
+            found.append(path)
     return found
+
+
+def _readable_file(path: str) -> bool:
+    """A regular file (or a link to one) outside the pictures of every output folder."""
+    return os.path.isfile(path) and output_pictures_holding(path) is None
 
 
 def _glob_root(pattern: str) -> str:
@@ -59,12 +82,16 @@ def _glob_root(pattern: str) -> str:
 def expand_input(spec: str, exclude: Sequence[str] = ()) -> list[tuple[str, str]]:
     """One --input value -> [(image path, path relative to the input)].
 
-    A file is taken as it is (whatever its extension: it was named on purpose); a folder is
-    searched recursively for image extensions (case-insensitive); anything else is a glob
-    pattern (``**`` allowed), whose matching folders are searched as folders are."""
+    A regular file is taken as it is (whatever its extension: it was named on purpose), unless
+    an earlier run wrote it (a picture of an output folder); a folder is searched recursively
+    for image extensions (case-insensitive); anything else is a glob pattern (``**`` allowed),
+    whose matching folders are searched as folders are. Any other kind of entry (a FIFO, a
+    socket, a device) gives nothing and is never opened."""
     exclude = [os.path.realpath(e) for e in exclude]
     if os.path.isfile(spec):
-        return [(spec, os.path.basename(spec))]
+        return [(spec, os.path.basename(spec))] if _readable_file(spec) else []
+    if os.path.exists(spec) and not os.path.isdir(spec):
+        return []
     if os.path.isdir(spec):
         return [(p, os.path.relpath(p, spec)) for p in _walk_images(spec, exclude)]
     if not glob.has_magic(spec):
@@ -76,7 +103,7 @@ def expand_input(spec: str, exclude: Sequence[str] = ()) -> list[tuple[str, str]
             continue
         if os.path.isdir(match):
             found.extend((p, os.path.relpath(p, root)) for p in _walk_images(match, exclude))
-        elif os.path.isfile(match) and is_image_file(match):
+        elif is_image_file(match) and _readable_file(match):
             found.append((match, os.path.relpath(match, root)))
     return found
 
@@ -130,7 +157,19 @@ def group_by_class(items: Sequence[ImageItem]) -> list[ImageItem]:
 
 def why_no_images(spec: str) -> str:
     """Why an --input value named no image, in a few words."""
-    if os.path.isdir(spec):
+    kind = file_kind(spec)
+    if kind not in ("missing", "regular file", "folder"):
+        return f"not a regular file but a {kind}: only regular files are read"
+    pictures = output_pictures_holding(spec) if kind != "missing" else None
+    if pictures is None and kind == "missing" and glob.has_magic(spec):
+        pictures = next(filter(None, map(output_pictures_holding,
+                                         glob.glob(spec, recursive=True))), None)
+    if pictures is not None:
+        what = {"regular file": "the file is a picture", "folder": "the folder holds pictures"
+                }.get(kind, "the pattern matches pictures")
+        return (f"{what} that an earlier run wrote (in {pictures}, the pictures of an output "
+                f"folder marked by {OUTPUT_MARKER}): outputs are never read as inputs")
+    if kind == "folder":
         return "the folder holds no image file"
     if glob.has_magic(spec):
         return "the pattern matches no image file"

@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 from dataset.registry import is_classification_only
 from models.noise import RunNoise
+from utils.checks import mask_warnings
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
 from utils.results import OutputError, write_results
 from utils.visualize import four_panel, read_rgb, save_rgb
 
+log = logging.getLogger(__name__)
 __all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "evaluate_runs",
            "iterate_classes", "iterate_runs", "reference_banks", "write_results"]
 
@@ -243,11 +245,11 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
     text_only = is_classification_only(dataset_name)
     masks_used = not getattr(loader.dataset, "classification_only", text_only)
-    log = logger or logging.getLogger(__name__)
+    say = logger or log                 # warnings go to the run's log when it has one
 
     def high_bit(name: str, count: int) -> None:
         if count:
-            log.warning("%s: %d image file(s) of more than 8 bits per channel read as the "
+            say.warning("%s: %d image file(s) of more than 8 bits per channel read as the "
                         "official code reads them (Pillow's conversion to RGB clips 16-bit "
                         "values at 255)", name, count)
 
@@ -270,6 +272,9 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                                     if v is not None))
                 if first is None:
                     first = (outputs, metrics.get("smoothed_maps"), rows[key])
+                    for line in mask_warnings(outputs.name, outputs.labels,
+                                              outputs.masks if masks_used else None):
+                        say.warning("%s", line)
                 del metrics
             name = next(iter(by_run.values())).name
             if on_class:

@@ -52,12 +52,13 @@ def setup_logging(log_file: str | None = None, level: int = logging.INFO,
         fh = logging.FileHandler(log_file, mode=mode)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
-    # the packages' own log lines (e.g. the position-grid resize) go to the same places
+    # the library's own log lines (e.g. the position-grid resize, a dataset's warnings) go to
+    # the same places
     for package in ("models", "dataset", "utils"):
         package_log = logging.getLogger(package)
         package_log.handlers = logger.handlers
         package_log.setLevel(level)
-        package_log.propagate = False
+    logging.getLogger("models").propagate = False
     return logger
 
 

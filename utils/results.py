@@ -1,5 +1,7 @@
 """Result files of an evaluation: ``results_<dataset>.csv`` and ``.json``, written atomically
-(a temporary file, then a rename); a folder that cannot be written is one clear error."""
+(a temporary file, then a rename); a folder that cannot be written is one clear error. Every
+output folder is marked as one (``dataset.files.OUTPUT_MARKER``), so that the pictures written
+into it are never read back as input images."""
 
 from __future__ import annotations
 
@@ -10,13 +12,11 @@ import os
 
 import numpy as np
 
-from dataset.files import write_text_atomic
-from models.errors import UserError
+from dataset.files import mark_output_folder, write_text_atomic
+from models.errors import OutputError
 from utils.protocol import COLUMNS, mean_row_of, summarise
 
-
-class OutputError(UserError, OSError):
-    """An output file or folder that cannot be written (read-only, a file in the way, full)."""
+__all__ = ["OutputError", "make_output_folder", "over_seeds", "write_results", "write_text"]
 
 
 def write_text(path: str, text: str) -> None:
@@ -29,7 +29,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def make_output_folder(path: str, flag: str = "--save_path") -> None:
-    """Create the output folder ``path`` (and check it takes files), or one OutputError."""
+    """Create the output folder ``path`` (and check it takes files) and mark it as an output
+    folder (``dataset.files.OUTPUT_MARKER``), or one OutputError."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"{flag} {path} is a file, not a folder: choose another {flag}")
     try:
@@ -38,6 +39,7 @@ def make_output_folder(path: str, flag: str = "--save_path") -> None:
         with open(probe, "w"):
             pass
         os.remove(probe)
+        mark_output_folder(path)
     except OSError as error:
         raise OutputError(f"cannot write into {flag} {path} ({error.strerror or error}): choose "
                           f"another {flag}") from None

@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from models.archive_limits import MAX_CHECKPOINT_BYTES, check_archive
+
 from .config import TrainingError
 
 RESUME_FORMAT = 2
@@ -65,6 +67,7 @@ def read_resume_state(path: str, config=None) -> dict:
     if not os.path.isfile(path):
         raise TrainingError(f"resume checkpoint {path} not found; train without --resume first "
                             f"or give the path of an existing last.pth")
+    check_archive(path, MAX_CHECKPOINT_BYTES, "training state")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice

@@ -31,7 +31,7 @@ from .stages import Decision, StageController
 from .state import (SEED_GLOBAL, SEED_LOADER, SEED_PROMPT, SEED_VALIDATION, cpu_copy,
                     derive_seed, read_resume_state, restore, resume_record)
 from .step import TrainingStep, encode_images, optimisation_step
-from .validation import ValidationResult, validate
+from .validation import ValidationResult, check_validation_data, validate
 
 @dataclass
 class TrainResult:
@@ -97,6 +97,7 @@ class Trainer:
                                   seed=cfg.seed)
         self.val_ds = AnomalyDataset(self.plan.val_root, self.plan.val_dataset, mode="test",
                                      image_size=cfg.image_size, class_names=self.plan.val_classes)
+        check_validation_data(self.val_ds)
         self.data_records = [
             data_record(self.plan.train_root, self.plan.train_dataset,
                         class_counts(train_ds.samples)),
@@ -111,6 +112,7 @@ class Trainer:
         self.model.wording = {**dataset_info(self.plan.val_dataset).wording,
                               **dataset_info(self.plan.train_dataset).wording,
                               **self.val_ds.wording, **train_ds.wording}
+        self.model.check_class_names(train_ds.class_names + self.val_ds.class_names)
         self.model.to(self.device)
         dist_utils.broadcast_module(self.model)
         self.step_module = TrainingStep(self.model, self.clip)

@@ -20,6 +20,48 @@ from .config import TrainConfig, TrainingError
 # ------------------------------------------------------------------------------------------------
 
 
+def check_validation_data(dataset) -> None:
+    """Refuse, with one TrainingError naming the validation dataset and the classes, data
+    on which the selection cannot work: stage 1 keeps the epoch of the best mean pixel AP
+    (it needs anomalous pixels), stage 2 that of the best mean image AP (it needs normal and
+    anomalous images of one class). A class with only normal images, or whose anomalous
+    images all have empty masks, adds nothing to either and is refused; so are data without
+    masks and data without any class holding both kinds. The masks are read until one
+    defect pixel is found per class (usually the first mask)."""
+    where = f"validation dataset {dataset.dataset_name} ({dataset.meta_file})"
+    fix = ("choose --val_dataset / --val_classes whose classes have normal and anomalous "
+           "images with defect masks")
+    if dataset.classification_only:
+        raise TrainingError(f"{where} has no masks (classification only): stage 1 selects on "
+                            f"the pixel AP, which needs them; {fix}")
+    by_class: dict[str, list[int]] = {}
+    for index, sample in enumerate(dataset.samples):
+        by_class.setdefault(sample["cls_name"], []).append(index)
+    only_normal, no_pixels, both = [], [], []
+    for name, indices in by_class.items():
+        anomalous = [i for i in indices if dataset.samples[i]["label"] == 1]
+        if not anomalous:
+            only_normal.append(name)
+            continue
+        if len(anomalous) < len(indices):
+            both.append(name)
+        if not any(dataset.read_full_mask(i).any() for i in anomalous):
+            no_pixels.append(name)
+    problems = []
+    if only_normal:
+        problems.append(f"class(es) {', '.join(only_normal)} hold only normal images")
+    if no_pixels:
+        problems.append(f"the anomalous images of class(es) {', '.join(no_pixels)} all have "
+                        f"empty masks (no anomalous pixel)")
+    if problems:
+        raise TrainingError(f"{where} cannot select the best epoch: {'; '.join(problems)}; "
+                            f"{fix}")
+    if not both:
+        raise TrainingError(f"{where} cannot select the best epoch: no class among "
+                            f"{', '.join(by_class)} holds both normal and anomalous images "
+                            f"(stage 2 selects on the image AP); {fix}")
+
+
 @dataclass
 class ValidationResult:
     pixel_ap: float
