@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import stat
 from pathlib import Path
 from typing import List, Optional, Union
+
+from models.filekind import file_kind  # noqa: F401  (re-exported: one definition)
 
 PathLike = Union[str, os.PathLike]
 
@@ -72,22 +73,6 @@ def output_pictures_holding(path: PathLike) -> Optional[str]:
         if parent == folder:
             return None
         folder = parent
-
-
-def file_kind(path: PathLike) -> str:
-    """What kind of file system entry ``path`` is, in a word or two ("regular file", "folder",
-    "FIFO", "socket", "character device", "block device", "missing"), following symbolic
-    links; never opens it."""
-    try:
-        mode = os.stat(os.fspath(path)).st_mode
-    except OSError:
-        return "missing"
-    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"),
-                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return kind
-    return "special file"
 
 
 def is_image_file(name: PathLike) -> bool:

@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .filekind import file_kind
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,9 +56,10 @@ class ImageReadError(InputError):
 def _open(path: str, what: str, exif_transpose: bool = False) -> Image.Image:
     """The loaded image of a file, independent of the (closed) file. Only regular files are
     opened (a FIFO or a device named like an image would block or never end)."""
-    if not os.path.isfile(path):
-        reason = "not a regular file" if os.path.exists(path) else "no such file"
-        raise ImageReadError(f"cannot read {what} {path} ({reason}); check the path")
+    kind = file_kind(path)
+    if kind not in ("regular file", "missing"):
+        raise ImageReadError(f"cannot read {what} {path}: it is a {kind}, not a regular file; "
+                             f"replace it with the image file")
     try:
         with Image.open(path) as handle:
             handle.load()
