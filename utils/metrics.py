@@ -47,7 +47,7 @@ class SortedScores(NamedTuple):
 def sort_by_label(labels, scores) -> SortedScores:
     """Splits scores by binary label and sorts each part (shared by the ranking metrics)."""
     y, s = _flat_pair(labels, scores)
-    return SortedScores(np.sort(np.compress(y, s)), np.sort(np.compress(~y, s)))
+    return SortedScores(np.sort(s[y]), np.sort(s[~y]))  # (indexing: faster than np.compress)
 
 
 def _require_both(ss: SortedScores, metric: str) -> None:
@@ -255,8 +255,8 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     # Background pixels needed to pass the limit (+1 guards the float product).
     needed = min(num_bg, math.floor(fpr_limit * num_bg) + 2)
     floor, top = _top_background(scores, anomalous, num_bg, needed)
-    bg = np.compress(top, scores)  # [B], unsorted
-    region = np.compress(anomalous, scores)
+    bg = scores[top]  # [B], unsorted
+    region = scores[anomalous]
     region_kept = region >= floor
     region, region_id = region[region_kept], region_of_pixel[region_kept]  # [P]
 
