@@ -4,9 +4,6 @@ pictures and result files. ``test.py`` and the demo call this."""
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -16,9 +13,9 @@ from tqdm import tqdm
 
 from dataset.registry import is_classification_only
 from models.noise import RunNoise
+from utils.pictures import PictureWriter
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
-from utils.results import OutputError, write_results
-from utils.visualize import four_panel, read_rgb, save_rgb
+from utils.results import write_results
 
 __all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "evaluate_runs",
            "iterate_classes", "iterate_runs", "write_results"]
@@ -121,64 +118,20 @@ def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
         yield outputs[seed]
 
 
-class PictureWriter:
-    """Writes the four-panel pictures of a class in a background thread, so that inference
-    of the next class goes on meanwhile."""
-
-    def __init__(self, out_dir: str, image_size: int):
-        self.out_dir = out_dir
-        self.image_size = image_size
-        self._jobs: queue.Queue = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def submit(self, outputs: ClassOutputs, smoothed: np.ndarray, threshold: float | None
-               ) -> None:
-        self._jobs.put((outputs, smoothed, threshold))
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            outputs, smoothed, threshold = job
-            try:
-                lo, hi = float(smoothed.min()), float(smoothed.max())
-                spreads = outputs.maps_std
-                for i, path in enumerate(outputs.paths):
-                    image = read_rgb(path, self.image_size)
-                    panel = four_panel(image, smoothed[i], outputs.masks[i], threshold, lo, hi,
-                                       None if spreads is None else spreads[i])
-                    stem = os.path.splitext(os.path.basename(path))[0]
-                    save_rgb(os.path.join(self.out_dir, outputs.name, outputs.species[i],
-                                          stem + ".png"), panel)
-            except OSError as e:
-                self._error = OutputError(f"cannot write the pictures under {self.out_dir} "
-                                          f"({e.strerror or e}): free some space or pass "
-                                          f"--no_vis")
-            except BaseException as e:  # noqa: BLE001 - reported by close()
-                self._error = e
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | None],
                   pro: str = "exact", vis_dir: str | None = None, progress: bool = True,
                   logger: logging.Logger | None = None,
                   on_class: Callable[[str, dict], None] | None = None,
-                  save_uncertainty: bool = False) -> dict:
+                  save_uncertainty: bool = False, device=None) -> dict:
     """Per-class metrics of one dataset (SPEC §7) for each seed: {seed: {class: row}}, the
     image tower shared by the seeds (:func:`iterate_runs`). ``on_class(name, {seed: row})``
     gets each class's metrics before its pictures are written (test.py writes the result
     files there, so that no failure while writing pictures loses them). Pictures (the first
     seed's; with ``save_uncertainty`` a fifth panel of the per-pixel spread) go to
-    ``vis_dir`` when given."""
+    ``vis_dir`` when given, written by worker processes (utils.pictures.PictureWriter).
+    ``device``: where the class metrics run (default: the detector's device)."""
     runs: dict = {seed: {} for seed in seeds}
+    device = detector.device if device is None else device
     writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
     masks_used = not is_classification_only(dataset_name)
     try:
@@ -188,7 +141,7 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
             for seed, outputs in by_seed.items():
                 metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
                                          outputs.text_scores, outputs.maps, outputs.name,
-                                         dataset_name, pro=pro)
+                                         dataset_name, pro=pro, device=device)
                 rows[seed] = runs[seed][outputs.name] = {k: metrics.get(k) for k in COLUMNS}
                 if logger:
                     logger.info("%s%s: %s", outputs.name,
@@ -207,11 +160,14 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                     smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
                 writer.submit(outputs, smoothed, row.get("threshold"))
             # the next class is inferred without this one's arrays (the picture writer keeps
-            # its own references until its pictures are written)
+            # its own references until its pictures are handed to its processes)
             del by_seed, first
-    finally:
+    except BaseException:
         if writer:
-            writer.close()
+            writer.abort()      # the error at hand is the one to report
+        raise
+    if writer:
+        writer.close()
     return runs
 
 

@@ -55,7 +55,7 @@ class TrainConfig:
     save_freq: int = 1
     device: str = "auto"
     device_id: int | None = None
-    num_workers: int = field(default_factory=default_workers)   # 4, at most the CPUs
+    num_workers: int = field(default_factory=default_workers)   # one per available CPU
     precision: str = "fp32"
     tf32: bool = False                     # allow TF32 matmuls on CUDA
     activation: str = "gelu"
