@@ -119,8 +119,8 @@ def fuse_image_scores(text_scores, maps, class_name: str) -> torch.Tensor:
 
 
 def _image_metrics(labels, scores, m=metrics) -> dict:
-    """Image AUROC, AP, F1-max with the metric module ``m`` (utils.metrics on numpy arrays,
-    utils.metrics_torch on tensors)."""
+    """Image AUROC, AP, F1-max with the metric module ``m`` (``utils.metrics`` on numpy
+    arrays, ``utils.metrics_torch`` on tensors)."""
     if labels.all() or not labels.any():  # one kind of image only: not applicable
         return dict.fromkeys(IMAGE_METRICS)
     ss = m.sort_by_label(labels, scores)
@@ -128,22 +128,38 @@ def _image_metrics(labels, scores, m=metrics) -> dict:
             "f1_sp": m.f1_max_sorted(ss)[0]}
 
 
-def _pixel_metrics(masks, smoothed, pro: str, m=metrics, host=None) -> dict:
-    """Pixel metrics with the metric module ``m``; ``host``: (masks, smoothed maps) as numpy
-    arrays when ``m`` works on device tensors (region labels, the official AUPRO)."""
+def _pixel_metrics(masks: np.ndarray, smoothed: np.ndarray, pro: str) -> dict:
+    """Pixel metrics with the numpy reference, one sort shared by all of them."""
     if masks.all() or not masks.any():  # no anomalous (or no normal) pixel: not applicable
         return dict.fromkeys(PIXEL_METRICS)
-    ss = m.sort_by_label(masks, smoothed)  # one sort shared by AUROC, AP and F1-max
+    if pro == "exact":                   # the sort keeps each region pixel's region
+        regions = metrics.sort_by_region(masks, smoothed)
+        ss = regions.scores
+    else:
+        ss = metrics.sort_by_label(masks, smoothed)
+    f1, threshold = metrics.f1_max_sorted(ss)
+    return {"auroc_px": metrics.auroc_sorted(ss),
+            "aupro_px": (metrics.aupro_sorted(regions) if pro == "exact" else
+                         aupro_official(masks, smoothed) if pro == "official" else None),
+            "ap_px": metrics.average_precision_sorted(ss), "f1_px": f1,
+            "iou": metrics.iou_above(ss, threshold),      # official: strictly greater
+            "threshold": threshold}
+
+
+def _pixel_metrics_torch(masks: torch.Tensor, smoothed: torch.Tensor, pro: str,
+                         host_masks: np.ndarray, host_smoothed: np.ndarray) -> dict:
+    """Pixel metrics as torch code on the tensors' device (``utils.metrics_torch``); the
+    region labels and the official AUPRO from the host copies."""
+    if masks.all() or not masks.any():
+        return dict.fromkeys(PIXEL_METRICS)
+    m = metrics_torch
+    ss = m.sort_by_label(masks, smoothed)
     f1, threshold = m.f1_max_sorted(ss)
     result = {"auroc_px": m.auroc_sorted(ss), "ap_px": m.average_precision_sorted(ss),
               "f1_px": f1}
     del ss
-    host_masks, host_smoothed = host or (masks, smoothed)
     if pro == "exact":
-        if m is metrics:
-            result["aupro_px"] = metrics.aupro(masks, smoothed)
-        else:
-            result["aupro_px"] = m.aupro(masks, smoothed, regions=label_regions(host_masks))
+        result["aupro_px"] = m.aupro(masks, smoothed, regions=label_regions(host_masks))
     elif pro == "official":
         result["aupro_px"] = aupro_official(host_masks, host_smoothed)
     else:
@@ -189,9 +205,10 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
 
     Pixel metrics on the smoothed maps: auroc_px, aupro_px, ap_px, f1_px (F1-max), iou (masks
     against smoothed > the F1-max threshold, as officially) and threshold. Image metrics on
-    the fused score: auroc_sp, ap_sp, f1_sp. Classification-only datasets: the text score alone is the image
-    score and the pixel metrics are None; so are the image metrics of a class whose images are
-    all anomalous (or all normal), and the pixel metrics of a class without anomalous pixels.
+    the fused score: auroc_sp, ap_sp, f1_sp. Classification-only datasets: the text score
+    alone is the image score and the pixel metrics are None; so are the image metrics of a
+    class whose images are all anomalous (or all normal), and the pixel metrics of a class
+    without anomalous pixels.
 
     Besides the metrics the dict holds "image_scores" (float64 numpy [N], the scores the image
     metrics used) and "smoothed_maps" (float32 numpy [N, H, W], or None when the maps were not
@@ -203,7 +220,6 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
         device = maps.device if isinstance(maps, torch.Tensor) else "cpu"
     device = torch.device(device)
     on_device = _metrics_on_device(device)
-    m = metrics_torch if on_device else metrics
     labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1).astype(bool)
     text = torch.as_tensor(text_scores).detach().to(device, torch.float64).reshape(-1)
     if text.numel() != labels.size:
@@ -224,14 +240,15 @@ def evaluate_class(labels, masks, text_scores, maps, class_name: str, dataset_na
         if masks is not None:
             masks_np = np.asarray(torch.as_tensor(masks).cpu()).astype(bool, copy=False)
             if on_device:
-                masks_t = torch.from_numpy(masks_np).to(device)
-                pixel = _pixel_metrics(masks_t, smoothed, pro, m, (masks_np, smoothed_np))
+                pixel = _pixel_metrics_torch(torch.from_numpy(masks_np).to(device), smoothed,
+                                             pro, masks_np, smoothed_np)
             else:
                 pixel = _pixel_metrics(masks_np, smoothed_np, pro)
         del smoothed
-    scores_in = image_scores if on_device else image_scores.cpu().numpy()
-    image = _image_metrics(torch.from_numpy(labels).to(device) if on_device else labels,
-                           scores_in, m)
+    if on_device:
+        image = _image_metrics(torch.from_numpy(labels).to(device), image_scores, metrics_torch)
+    else:
+        image = _image_metrics(labels, image_scores.numpy())
 
     return {**pixel, **image, "image_scores": image_scores.cpu().numpy(),
             "smoothed_maps": smoothed_np}
