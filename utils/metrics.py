@@ -47,7 +47,10 @@ class SortedScores(NamedTuple):
 def sort_by_label(labels, scores) -> SortedScores:
     """Splits scores by binary label and sorts each part (shared by the ranking metrics)."""
     y, s = _flat_pair(labels, scores)
-    return SortedScores(np.sort(s[y]), np.sort(s[~y]))  # (indexing: faster than np.compress)
+    positives, negatives = s[y], s[~y]    # (new arrays: faster than np.compress)
+    positives.sort()
+    negatives.sort()
+    return SortedScores(positives, negatives)
 
 
 def _require_both(ss: SortedScores, metric: str) -> None:
@@ -352,10 +355,10 @@ def sort_by_region(masks, maps) -> RegionScores:
     masks, maps = _stack(masks, maps)
     y, s = masks.reshape(-1), maps.reshape(-1)
     region_of_pixel, sizes = label_regions(masks)
-    positives = s[y]
+    positives, negatives = s[y], s[~y]
     order = np.argsort(positives)
-    return RegionScores(SortedScores(positives[order], np.sort(s[~y])), region_of_pixel[order],
-                        sizes)
+    negatives.sort()
+    return RegionScores(SortedScores(positives[order], negatives), region_of_pixel[order], sizes)
 
 
 def iou_above(ss: SortedScores, threshold: float) -> float:

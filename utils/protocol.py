@@ -110,8 +110,20 @@ def fuse_image_scores(text_scores, maps, class_name: str) -> torch.Tensor:
     text = torch.as_tensor(text_scores).to(device=maps.device, dtype=torch.float64).reshape(-1)
     flat = maps.reshape(maps.shape[0], -1)  # [N, H*W]
     k = min(topk_for_class(class_name), flat.shape[1])
-    map_scores = flat.topk(k, dim=1).values.to(torch.float64).mean(dim=1)  # [N]
+    map_scores = top_values(flat, k).to(torch.float64).mean(dim=1)  # [N]
     return 0.5 * _minmax(text) + 0.5 * _minmax(map_scores)
+
+
+def top_values(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of each row of ``flat`` [N, M], descending: [N, k], equal to
+    ``flat.topk(k).values``. On the CPU numpy's partition finds them (about twice as fast),
+    then only they are sorted."""
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
+        return flat.topk(k, dim=1).values
+    rows = flat.detach().numpy()
+    part = np.partition(rows, rows.shape[1] - k, axis=1)[:, rows.shape[1] - k:]  # [N, k]
+    part.sort(axis=1)
+    return torch.from_numpy(np.ascontiguousarray(part[:, ::-1]))
 
 
 # ---------------------------------------------------------------------------------------------
