@@ -132,11 +132,11 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     ``device``: where the class metrics run (default: the detector's device)."""
     runs: dict = {seed: {} for seed in seeds}
     device = detector.device if device is None else device
-    writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
+    writer = None      # started with the first pictures: after the loader's workers
     masks_used = not is_classification_only(dataset_name)
     try:
         for by_seed in iterate_runs(detector, loader, seeds, progress,
-                                    return_std=bool(writer) and save_uncertainty):
+                                    return_std=bool(vis_dir) and save_uncertainty):
             rows, first = {}, None
             for seed, outputs in by_seed.items():
                 metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
@@ -154,10 +154,11 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
             name = next(iter(by_seed.values())).name
             if on_class:
                 on_class(name, rows)
-            if writer:
+            if vis_dir:
                 outputs, smoothed, row = first
                 if smoothed is None:   # classification-only datasets: maps not scored
                     smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
+                writer = writer or PictureWriter(vis_dir, detector.image_size)
                 writer.submit(outputs, smoothed, row.get("threshold"))
             # the next class is inferred without this one's arrays (the picture writer keeps
             # its own references until its pictures are handed to its processes)
