@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 from tabulate import tabulate
@@ -188,12 +189,12 @@ def one_run(detector: AnomalyDetector, dataset, args, vis_dir: str | None) -> di
     result = {"first_class": first_class[0] if first_class else None}
     for kind, clock in (("wall", clocks.wall), ("cpu", clocks.cpu)):
         get = lambda name: clock.get(name, 0.0)                            # noqa: E731
-        # waiting costs wall time only: the loader, room for pictures, the last pictures
-        waits = get("loader wait") + get(last) + (waited if kind == "wall" else 0.0)
+        # waiting costs wall time only: for the reader workers (without workers the main
+        # process reads: its own work), for room for pictures, for the last pictures
+        loader = get("loader wait") if kind == "wall" and args.workers else 0.0
+        waits = loader + get(last) + (waited if kind == "wall" else 0.0)
         hand_over = get("hand-over") - (waited if kind == "wall" else 0.0)
         outside = get("run") - get("forward") - waits
-        if kind == "cpu":
-            outside += get("loader wait")     # receiving a batch is the main process's work
         result[kind] = {"run": get("run"), "forward": get("forward"),
                         "metrics": get("metrics"), "hand-over": hand_over, "outside": outside,
                         "other": outside - get("metrics") - hand_over,
@@ -220,6 +221,17 @@ def time_pictures(first_class, image_size: int, out_dir: str) -> tuple[float, fl
     return (time.perf_counter() - wall) / len(jobs), (time.process_time() - cpu) / len(jobs)
 
 
+def time_jobs(first_class, out_dir: str) -> tuple[float, float]:
+    """(wall, CPU) seconds per image of what the picture writer's threads in the main process
+    do: the jobs of the first class made and serialised as its queue serialises them."""
+    outputs, smoothed, threshold = first_class
+    wall, cpu = time.perf_counter(), time.process_time()
+    for job in class_jobs(outputs, smoothed, threshold, out_dir):
+        ForkingPickler.dumps(job)
+    count = len(outputs.paths)
+    return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
+
+
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,7 +252,8 @@ def run(args) -> dict:
         if first is None:              # pictures were not asked for: draw the first class's
             first = one_run_first_class(detector, dataset, args)
         picture = time_pictures(first, args.image_size, os.path.join(root, "alone"))
-    return {"n": len(dataset), "read": read, "picture": picture, "runs": runs}
+        jobs = time_jobs(first, os.path.join(root, "alone"))
+    return {"n": len(dataset), "read": read, "picture": picture, "jobs": jobs, "runs": runs}
 
 
 def one_run_first_class(detector, dataset, args):
@@ -257,7 +270,8 @@ ROWS = [  # (label, where, key in a run's figures or None for the stages timed a
     ("read (dataset __getitem__, timed alone)", "reader workers", "read"),
     ("model forward (towers, heads, maps)", "model device", "forward"),
     ("class metrics (evaluate_class)", "main process", "metrics"),
-    ("picture hand-over", "main process", "hand-over"),
+    ("picture hand-over (submit)", "main process", "hand-over"),
+    ("picture jobs, serialised (its threads, timed alone)", "main process", "jobs"),
     ("the rest (copies, buffering, batches)", "main process", "other"),
     ("**main process outside the forward**", "main process", "outside"),
     ("waiting for the reader workers", "main process", "loader wait"),
@@ -276,10 +290,10 @@ def report(args, result: dict) -> None:
         row = [label, where]
         for mode in modes:
             for kind in ("wall", "cpu"):
-                if key in ("read", "picture"):
+                if key in ("read", "picture") or (key == "jobs" and mode == "on"):
                     value = 1000.0 * result[key][kind == "cpu"]
-                elif (key == "hand-over" and mode == "off") or (kind == "cpu" and
-                                                                key == "loader wait"):
+                elif (key in ("hand-over", "jobs") and mode == "off") or (
+                        kind == "cpu" and key == "loader wait"):
                     value = None
                 else:
                     value = 1000.0 * runs[mode][kind][key] / n
@@ -300,9 +314,14 @@ def report(args, result: dict) -> None:
                     f"process outside the forward {off:.1f} ms <= {TARGET_OFF_MS:.0f} ms: "
                     f"{'met' if off <= TARGET_OFF_MS else 'NOT met'}")
             if "on" in runs:
-                extra = 1000.0 * runs["on"][kind]["outside"] / n - off
-                line += (f"; pictures on: {extra:+.1f} ms <= {TARGET_EXTRA_MS:.0f} ms: "
-                         f"{'met' if extra <= TARGET_EXTRA_MS else 'NOT met'}")
+                # the submit calls, and the writer's threads (their time may fall in the
+                # forward's, so it is added as timed alone)
+                extra = (1000.0 * runs["on"][kind]["hand-over"] / n
+                         + 1000.0 * result["jobs"][kind == "cpu"])
+                total = 1000.0 * runs["on"][kind]["outside"] / n - off
+                line += (f"; pictures on: +{extra:.1f} ms <= {TARGET_EXTRA_MS:.0f} ms: "
+                         f"{'met' if extra <= TARGET_EXTRA_MS else 'NOT met'} (totals "
+                         f"differ by {total:+.1f} ms)")
             print(line)
     estimate(args, result)
 
@@ -312,7 +331,8 @@ def estimate(args, result: dict) -> None:
     runs, n = result["runs"], result["n"]
     figures = runs["on" if "on" in runs else "off"]["cpu"]
     # on a GPU the metrics run on the device: the main process keeps the rest and the hand-over
-    main_ms = 1000.0 * (figures["other"] + max(figures["hand-over"], 0.0)) / n
+    main_ms = 1000.0 * (figures["other"] + max(figures["hand-over"], 0.0)) / n \
+        + 1000.0 * result["jobs"][1]
     pictures = min(2, args.cores)
     readers = max(1, args.cores - 1 - pictures)
     limits = {f"{readers} readers": readers / result["read"][1],
