@@ -16,8 +16,8 @@ from tqdm import tqdm
 from dataset.registry import REGISTRY
 from models.errors import UserError
 from utils import distributed as dist_utils
-from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail, finite_float,
-                       positive_int)
+from utils.cli import (WORKERS_HELP, Parser, add_model_arguments, add_runtime_arguments, fail,
+                       finite_float, positive_int)
 from utils.misc import setup_logging
 from utils.training import TrainConfig, train
 
@@ -77,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Additions to the official flags.
     add_runtime_arguments(p)
     a("--num_workers", type=int, default=d.num_workers,
-      help="DataLoader workers (default: 4 at most, never more than the CPUs); results do not "
-           "depend on it")
+      help=f"{WORKERS_HELP}; results do not depend on it")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue a run from its resumable state (default PATH: <save_path>/last.pth); "
            "settings that change what is computed must be the saved ones")

@@ -23,6 +23,7 @@ from .heads import RCA, Fuse
 from .losses import dice_loss, focal_loss, orthogonality_loss
 from .prompt_flow import (Decoder, FlowSamples, GaussianEncoder, ImageAgnosticFlow,
                           ImageSpecificFlow, kl_term)
+from .spec import OFFICIAL_LAYERS
 from .tokenizer import CONTEXT_LENGTH, default_tokenizer, tokenize
 from .wording import prompt_class_name
 
@@ -116,7 +117,7 @@ class BayesPFL(nn.Module):
     @classmethod
     def from_clip(cls, clip, prompt_num: int = 3, prompt_context_len: int = 5,
                   prompt_state_len: int = 5, num_flows: int = 10,
-                  layers: Sequence[int] = (6, 12, 18, 24)) -> "BayesPFL":
+                  layers: Sequence[int] = OFFICIAL_LAYERS) -> "BayesPFL":
         model = cls(clip.embed_dim, clip.text_width, clip.vision_width, len(layers),
                     prompt_num, prompt_context_len, prompt_state_len, num_flows)
         return model.to(next(clip.parameters()).device)

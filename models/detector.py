@@ -18,7 +18,7 @@ from .fewshot import DEFAULT_CHUNK_ELEMENTS, ReferenceBank, fewshot_map
 from .imaging import preprocess
 from .noise import official_order_noise
 from .precision import autocast
-from .spec import ModelSpec, check_layers, resolve_spec
+from .spec import OFFICIAL_LAYERS, ModelSpec, check_layers, resolve_spec
 
 log = logging.getLogger(__name__)
 # What ``predict`` returns (when computed).
@@ -39,7 +39,7 @@ class AnomalyDetector:
     so a seeded run gives the same samples whatever the batch size."""
 
     def __init__(self, clip, model: BayesPFL, image_size: int = 518, sample_num: int = 10,
-                 stage: int = 2, layers: Sequence[int] = (6, 12, 18, 24),
+                 stage: int = 2, layers: Sequence[int] = OFFICIAL_LAYERS,
                  precision: str = "fp32", map_chunk: int = 8, fewshot_weight: float = 1.0):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, not {stage!r}")

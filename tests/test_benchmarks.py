@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import evaluation_memory, inference, metrics, train_step
+from benchmarks import evaluation_memory, inference, metrics, pipeline, train_step
 from benchmarks import onnx as onnx_benchmark
 from benchmarks.common import default_image_size, default_layers
 
@@ -150,3 +150,28 @@ def test_onnx_benchmark_takes_fp32_only(capsys):
         onnx_benchmark.main(TINY + ["--precision", "bf16"])
     assert e.value.code == 2
     assert "the files compute in float32" in capsys.readouterr().err
+
+
+def test_pipeline_tiny_with_and_without_pictures(capsys):
+    assert pipeline.main(["--n", "6", "--classes", "2", "--image_size", "56", "--batch_size",
+                          "2", "--workers", "0", "--picture_workers", "1", "--sample_num",
+                          "2", "--gpu_forward_ms", "5"]) == 0
+    out = capsys.readouterr().out
+    for part in ("read (dataset __getitem__, timed alone)", "model forward", "class metrics",
+                 "picture hand-over", "main process outside the forward", "pictures (draw",
+                 "images/s: pictures off", "pictures on", "target (CPU time), pictures off",
+                 "target (wall time)", "estimate for 16 cores", "GPU forward 200",
+                 "without pictures"):
+        assert part in out, part
+    assert "6 images in 2 classes, 56 px maps" in out
+
+
+def test_pipeline_argument_errors(capsys):
+    for argv, message in ((["--image_size", "100"], "multiple of 14"),
+                          (["--classes", "9"], "--classes must lie within 1..8"),
+                          (["--n", "4", "--classes", "2"], "at least 3 images each"),
+                          (["--workers", "-1"], "--workers must be at least 0")):
+        with pytest.raises(SystemExit) as e:
+            pipeline.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err

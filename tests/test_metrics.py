@@ -254,3 +254,64 @@ def test_aupro_official_equals_plain(dtype):
 def test_aupro_official_degenerate_is_nan():
     masks, _ = _small_case()
     assert math.isnan(aupro_official(masks, np.full(masks.shape, 0.5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One sort shared by the pixel metrics (sort_by_region, aupro_sorted, iou_above)
+
+
+@pytest.mark.parametrize("limit", [0.3, 0.05, 0.1234567, 1.0])
+@pytest.mark.parametrize("decimals", [1, 2, None])
+def test_aupro_sorted_equals_aupro_and_brute_force(limit, decimals):
+    masks, maps = _small_case(seed=1)
+    if decimals is None:  # distinct scores
+        maps = maps + np.random.default_rng(3).random(maps.shape) * 1e-3
+    else:                 # ties within and across the two kinds of pixel
+        maps = np.round(maps + np.random.default_rng(3).random(maps.shape) * 0.2, decimals)
+    rs = metrics.sort_by_region(masks, maps)
+    got = metrics.aupro_sorted(rs, fpr_limit=limit)
+    assert got == pytest.approx(aupro(masks, maps, fpr_limit=limit), abs=1e-12)
+    assert got == pytest.approx(_aupro_brute(masks, maps, limit), abs=1e-12)
+
+
+def test_sort_by_region_shares_the_ranking_sort():
+    masks, maps = _small_case(seed=2)
+    rs = metrics.sort_by_region(masks, maps.astype(np.float32))
+    ss = metrics.sort_by_label(masks, maps.astype(np.float32))
+    assert np.array_equal(rs.scores.positives, ss.positives)
+    assert np.array_equal(rs.scores.negatives, ss.negatives)
+    region_of_pixel, sizes = label_regions(masks)
+    assert np.array_equal(rs.sizes, sizes)
+    # each sorted positive carries its own region: the multiset of (score, region) pairs
+    pairs = sorted(zip(maps[masks].astype(np.float32), region_of_pixel))
+    assert sorted(zip(rs.scores.positives, rs.regions)) == pairs
+
+
+def test_aupro_sorted_analytic_and_errors():
+    masks, _ = _small_case()
+    rs = metrics.sort_by_region(masks, masks.astype(np.float32))
+    assert metrics.aupro_sorted(rs) == pytest.approx(1.0, abs=1e-12)
+    constant = metrics.sort_by_region(masks, np.full(masks.shape, 0.5))
+    assert metrics.aupro_sorted(constant) == pytest.approx(0.15, abs=1e-12)
+    assert metrics.aupro_sorted(constant, fpr_limit=1.0) == pytest.approx(0.5, abs=1e-12)
+    inverted = metrics.sort_by_region(masks, -masks.astype(float))
+    assert metrics.aupro_sorted(inverted) == pytest.approx(0.0, abs=1e-12)
+    one = np.zeros((1, 5, 5), dtype=bool)
+    one[0, 2, 2] = True
+    ramp = np.arange(25.0).reshape(1, 5, 5)
+    assert metrics.aupro_sorted(metrics.sort_by_region(one, ramp)) == pytest.approx(
+        aupro(one, ramp), abs=1e-12)
+    with pytest.raises(ValueError, match="anomalous"):
+        metrics.aupro_sorted(metrics.sort_by_region(np.zeros((2, 8, 8)), np.ones((2, 8, 8))))
+    with pytest.raises(ValueError, match="normal"):
+        metrics.aupro_sorted(metrics.sort_by_region(np.ones((2, 8, 8)), np.ones((2, 8, 8))))
+    with pytest.raises(ValueError, match="fpr_limit"):
+        metrics.aupro_sorted(rs, fpr_limit=1.5)
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_iou_above_counts_what_iou_counts(decimals):
+    labels, scores = _random_case(7, n=3000, decimals=decimals)
+    ss = metrics.sort_by_label(labels, scores)
+    for threshold in [f1_max(labels, scores)[1], -np.inf, np.inf, float(np.median(scores))]:
+        assert metrics.iou_above(ss, threshold) == iou(labels, scores > threshold)

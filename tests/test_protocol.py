@@ -170,3 +170,17 @@ def test_iou_counts_pixels_strictly_above_the_f1_threshold():
     above, at_or_above = smoothed > 0.5, smoothed >= 0.5
     assert m["iou"] == pytest.approx((above & masks).sum() / (above | masks).sum())   # 6 / 8
     assert m["iou"] != pytest.approx((at_or_above & masks).sum() / (at_or_above | masks).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_top_values_equal_topk(dtype):
+    from utils.protocol import top_values
+
+    rng = np.random.default_rng(3)
+    flat = torch.from_numpy(np.round(rng.random((5, 3000)), 2)).to(dtype)   # many ties
+    for k in (1, 20, 2000, 3000):
+        got = top_values(flat, k)
+        expected = flat.topk(k, dim=1).values
+        assert got.dtype == expected.dtype and got.is_contiguous()
+        assert torch.equal(got, expected)
+        assert torch.equal(got.double().mean(1), expected.double().mean(1))

@@ -267,14 +267,13 @@ def test_predict_nothing_readable_and_nan_threshold_fail(tiny_files, tmp_path, c
 # 7. results before pictures; 12. a failing test.py writes nothing
 
 
-def test_results_are_written_before_the_pictures(tiny_files, synth, tmp_path, monkeypatch):
+def test_results_are_written_before_the_pictures(tiny_files, synth, tmp_path, monkeypatch,
+                                                 capsys):
     import test as test_script
-    import utils.evaluate as evaluate
+    import utils.pictures as pictures
+    from tests.picture_faults import disk_full
 
-    def disk_full(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(evaluate, "save_rgb", disk_full)
+    monkeypatch.setattr(pictures, "save_rgb", disk_full)     # what the picture processes use
     out = tmp_path / "res"
     code = test_script.main(["--dataset", "synth", "--data_path", synth, "--checkpoint_path",
                              tiny_files[1], "--pretrained_path", tiny_files[0], "--image_size",
@@ -285,6 +284,9 @@ def test_results_are_written_before_the_pictures(tiny_files, synth, tmp_path, mo
 
     saved = json.loads((out / "results_synth.json").read_text())
     assert "mesh" in saved["classes"]                        # the first class's metrics kept
+    err = capsys.readouterr().err
+    assert (f"cannot write the pictures under {out / 'imgs'} (No space left on device): free "
+            f"some space or pass --no_vis") in err and "Traceback" not in err
 
 
 def test_a_failing_test_py_leaves_no_file(tiny_files, synth, tmp_path):

@@ -23,9 +23,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def default_workers(most: int = 4) -> int:
-    """DataLoader workers by default: ``most``, never more than the CPUs of this machine."""
-    return max(0, min(most, (os.cpu_count() or 1)))
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system has one, e.g.
+    under taskset or a container's CPU set; else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: one per available CPU (:func:`available_cpus`)."""
+    return available_cpus()
+
+
+WORKERS_HELP = "DataLoader workers (default: one per CPU available to this process)"
 
 
 def positive_int(text: str) -> int:

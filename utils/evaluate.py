@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Sequence
 
@@ -18,9 +15,9 @@ from tqdm import tqdm
 from dataset.registry import is_classification_only
 from models.noise import RunNoise
 from utils.checks import mask_warnings
+from utils.pictures import PictureWriter
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
-from utils.results import OutputError, write_results
-from utils.visualize import four_panel, read_rgb, save_rgb
+from utils.results import write_results
 
 log = logging.getLogger(__name__)
 __all__ = ["ClassOutputs", "PictureWriter", "evaluate_dataset", "evaluate_runs",
@@ -173,52 +170,6 @@ def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
         yield outputs[seed]
 
 
-class PictureWriter:
-    """Writes the four-panel pictures of a class in a background thread, so that inference
-    of the next class goes on meanwhile."""
-
-    def __init__(self, out_dir: str, image_size: int):
-        self.out_dir = out_dir
-        self.image_size = image_size
-        self._jobs: queue.Queue = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def submit(self, outputs: ClassOutputs, smoothed: np.ndarray, threshold: float | None
-               ) -> None:
-        self._jobs.put((outputs, smoothed, threshold))
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            outputs, smoothed, threshold = job
-            try:
-                lo, hi = float(smoothed.min()), float(smoothed.max())
-                spreads = outputs.maps_std
-                for i, path in enumerate(outputs.paths):
-                    image = read_rgb(path, self.image_size)
-                    panel = four_panel(image, smoothed[i], outputs.masks[i], threshold, lo, hi,
-                                       None if spreads is None else spreads[i])
-                    stem = os.path.splitext(os.path.basename(path))[0]
-                    save_rgb(os.path.join(self.out_dir, outputs.name, outputs.species[i],
-                                          stem + ".png"), panel)
-            except OSError as e:
-                self._error = OutputError(f"cannot write the pictures under {self.out_dir} "
-                                          f"({e.strerror or e}): free some space or pass "
-                                          f"--no_vis")
-            except BaseException as e:  # noqa: BLE001 - reported by close()
-                self._error = e
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def _run_label(key) -> str:
     return f"seed {key[0]}, shot seed {key[1]}" if isinstance(key, tuple) else f"seed {key}"
 
@@ -228,21 +179,24 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                   logger: logging.Logger | None = None,
                   on_class: Callable[[str, dict], None] | None = None,
                   save_uncertainty: bool = False,
-                  references: Callable[[str], dict] | None = None) -> dict:
+                  references: Callable[[str], dict] | None = None, device=None) -> dict:
     """Per-class metrics of one dataset (SPEC §7) for each run: {run: {class: row}}, the
     image tower shared by the runs (:func:`iterate_runs`); a run is a seed, or with
     ``references`` (class -> {shot seed: ReferenceBank}) a (seed, shot seed) pair.
     ``on_class(name, {run: row})`` gets each class's metrics before its pictures are written
     (test.py writes the result files there, so that no failure while writing pictures loses
     them). Pictures (the first run's; with ``save_uncertainty`` a fifth panel of the per-pixel
-    spread) go to ``vis_dir`` when given.
+    spread) go to ``vis_dir`` when given, written by worker processes
+    (utils.pictures.PictureWriter). ``device``: where the class metrics run (default: the
+    detector's device).
 
     Without ground truth (the loader's dataset ``classification_only``: the registry's
     classification-only datasets, or a folder dataset without masks) the pixel metrics are
     n/a; the registry's classification-only datasets also score images by the text score
     alone (the official protocol), the others by the fused score."""
     runs: dict = {}
-    writer = PictureWriter(vis_dir, detector.image_size) if vis_dir else None
+    device = detector.device if device is None else device
+    writer = None      # started with the first pictures: after the loader's workers
     text_only = is_classification_only(dataset_name)
     masks_used = not getattr(loader.dataset, "classification_only", text_only)
     say = logger or log                 # warnings go to the run's log when it has one
@@ -255,14 +209,14 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
 
     try:
         for by_run in iterate_runs(detector, loader, seeds, progress,
-                                   return_std=bool(writer) and save_uncertainty,
+                                   return_std=bool(vis_dir) and save_uncertainty,
                                    references=references, on_high_bit=high_bit):
             rows, first = {}, None
             for key, outputs in by_run.items():
                 metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
                                          outputs.text_scores,
                                          None if text_only else outputs.maps, outputs.name,
-                                         dataset_name, pro=pro)
+                                         dataset_name, pro=pro, device=device)
                 rows[key] = runs.setdefault(key, {})[outputs.name] = {
                     k: metrics.get(k) for k in COLUMNS}
                 if logger:
@@ -279,17 +233,21 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
             name = next(iter(by_run.values())).name
             if on_class:
                 on_class(name, rows)
-            if writer:
+            if vis_dir:
                 outputs, smoothed, row = first
                 if smoothed is None:   # classification-only datasets: maps not scored
                     smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
+                writer = writer or PictureWriter(vis_dir, detector.image_size)
                 writer.submit(outputs, smoothed, row.get("threshold"))
             # the next class is inferred without this one's arrays (the picture writer keeps
-            # its own references until its pictures are written)
+            # its own references until its pictures are handed to its processes)
             del by_run, first
-    finally:
+    except BaseException:
         if writer:
-            writer.close()
+            writer.abort()      # the error at hand is the one to report
+        raise
+    if writer:
+        writer.close()
     return runs
 
 

@@ -21,6 +21,9 @@ from utils.protocol import COLUMNS
 # The paper's figures (Bayes-PFL, ViT-L/14-336 at 518 px, in percent) and its dataset order
 # come from the registry (dataset/registry.py).
 SHOWN = [c for c in COLUMNS if c != "threshold"]
+NOTE = ("The paper's figures are as quoted by later papers copying its table; – where none "
+        "is known. Its PRO figures come from the official 200-threshold approximation "
+        "(test.py --pro official).")
 
 
 def collect(results_root: str) -> dict[str, dict]:
@@ -42,7 +45,8 @@ def _cell(value, spread) -> str:
 
 def markdown(results: dict[str, dict]) -> str:
     """One row per dataset: its mean row (mean ± std over the seeds when it has several),
-    the paper's figure in brackets."""
+    each cell followed by the paper's figure in brackets, "(paper –)" where none is known
+    (dataset/registry.py says which are); a note on the PRO figures below the table."""
     order = paper_datasets()
     names = [d for d in order if d in results] + sorted(d for d in results if d not in order)
     head = "| dataset | seeds | " + " | ".join(SHOWN) + " |"
@@ -54,12 +58,10 @@ def markdown(results: dict[str, dict]) -> str:
         for col in SHOWN:
             cell = _cell(res["mean"].get(col), spread.get(col))
             paper = dataset_info(name).paper.get(col)
-            if paper is not None:
-                cell += f" (paper {paper:.1f})"
-            cells.append(cell)
+            cells.append(cell + (" (paper –)" if paper is None else f" (paper {paper:.1f})"))
         seeds = " ".join(map(str, res.get("seeds") or [res.get("settings", {}).get("seed")]))
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + NOTE + "\n"
 
 
 def _flat(record, prefix: str = "") -> dict[str, object]:

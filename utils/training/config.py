@@ -9,7 +9,7 @@ from typing import Any
 
 from models.errors import UserError
 from utils.cli import default_workers
-from models.spec import ModelSpec, check_layers
+from models.spec import OFFICIAL_LAYERS, ModelSpec, check_layers
 
 ADAM_BETAS = (0.5, 0.999)
 STAGE2_MODULES = ("class_mapping", "image_mapping", "fuse")
@@ -44,7 +44,7 @@ class TrainConfig:
     learning_rate_prompt: float = 1e-3
     learning_rate_linear: float = 1e-4     # the stage-1 "rest" group and stage 2
     temperature_lr: float = 0.01
-    features_list: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    features_list: list[int] = field(default_factory=lambda: list(OFFICIAL_LAYERS))
     image_size: int = 518
     batch_size: int = 32                   # per process
     epochs: int = 30
@@ -55,7 +55,7 @@ class TrainConfig:
     save_freq: int = 1
     device: str = "auto"
     device_id: int | None = None
-    num_workers: int = field(default_factory=default_workers)   # 4, at most the CPUs
+    num_workers: int = field(default_factory=default_workers)   # one per available CPU
     precision: str = "fp32"
     tf32: bool = False                     # allow TF32 matmuls on CUDA
     activation: str = "gelu"
