@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 
 import torch
 
@@ -29,8 +30,11 @@ from dataset.registry import dataset_info
 from dataset.shots import draw_references
 from models import AnomalyDetector
 from models.errors import UserError
-from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, default_workers,
-                       interrupt_on_sigterm, model_request, non_negative_float, positive_int)
+from utils import distributed
+from utils.cli import (WORKERS_HELP, Parser, add_model_arguments, add_runtime_arguments,
+                       default_workers, interrupt_on_sigterm, model_request, non_negative_float,
+                       positive_int)
+from utils.distributed_eval import ClassShards, agree
 from utils.evaluate import evaluate_runs, reference_banks
 from utils.provenance import class_counts, data_record, provenance
 from utils.results import OutputError, make_output_folder, over_seeds, write_results
@@ -70,8 +74,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     p.add_argument("--batch_size", type=positive_int, default=1,
                    help="images per forward; results do not depend on it")
-    p.add_argument("--num_workers", type=int, default=default_workers(),
-                   help="DataLoader workers (default: 4 at most, never more than the CPUs)")
+    p.add_argument("--num_workers", type=int, default=None, help=WORKERS_HELP)
     p.add_argument("--no_vis", action="store_true", help="skip the pictures")
     p.add_argument("--save_uncertainty", action="store_true",
                    help="a fifth panel in the pictures: the per-pixel spread of the anomaly "
@@ -97,65 +100,102 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     interrupt_on_sigterm()
     logger = setup_logging(None)          # the console only, until every input is checked
+    info = distributed.env_info()         # torchrun: one process per rank
+    if info.enabled and info.rank != 0:   # rank 0 tells the run; the others their warnings
+        for name in ("bayes_pfl", "models", "dataset", "utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    held = ExitStack()
     try:
-        device = resolve_device(args.device, args.device_id)
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        detector = AnomalyDetector.from_files(
-            args.pretrained_path, args.checkpoint_path, device=device,
-            sample_num=args.sample_num, precision=args.precision, verify=not args.no_verify,
-            **model_request(args))
-        detector.fewshot_weight = args.fewshot_weight
-        dataset = AnomalyDataset(args.data_path, args.dataset, mode="test",
-                                 image_size=detector.image_size, class_names=args.classes)
-        # the registry's prompt wording, then the meta file's (a folder dataset's words)
-        detector.model.wording = {**dataset_info(args.dataset).wording, **dataset.wording}
-        detector.model.check_class_names(dataset.class_names)
-        seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
-        shot_seeds = list(dict.fromkeys(args.shot_seeds)) if args.k_shot else []
-        drawn = (draw_references(args.data_path, args.dataset, dataset.class_names,
-                                 args.k_shot, shot_seeds) if args.k_shot else None)
-        earlier = is_output_folder(args.save_path)      # an earlier run's folder
-        make_output_folder(args.save_path)
-    except UserError as e:
-        logger.error("%s", e)
-        return 1
-    try:
-        with folder_lock(os.path.join(args.save_path, LOCK_FILE),
-                         f"--save_path {args.save_path} is being written by another test.py",
-                         "no test.py is running", OutputError):
-            return evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, earlier)
+        error = None
+        try:
+            device = resolve_device(args.device, args.device_id)
+            if info.enabled and device.type == "cuda":
+                device = torch.device("cuda", info.local_rank)
+                torch.cuda.set_device(device)
+            distributed.init_distributed(device)
+        except UserError as e:
+            logger.error("%s", e)
+            return 1
+        try:
+            state = prepare(args, device, held)
+        except UserError as e:
+            error = str(e)
+        agree(error)                      # every rank stops if one cannot start
+        return evaluate(args, *state)
     except UserError as e:
         logging.getLogger("bayes_pfl").error("%s", e)
         return 1
     except KeyboardInterrupt:
-        logging.getLogger("bayes_pfl").error(
-            "interrupted: the classes evaluated so far are in %s (marked incomplete); rerun to "
-            "replace them", os.path.join(args.save_path, f"results_{args.dataset}"
-                                         f"{INCOMPLETE}.json"))
+        if distributed.is_main():
+            logging.getLogger("bayes_pfl").error(
+                "interrupted: the classes evaluated so far are in %s (marked incomplete); "
+                "rerun to replace them", os.path.join(args.save_path, f"results_{args.dataset}"
+                                                      f"{INCOMPLETE}.json"))
         return 130
+    finally:
+        held.close()                      # the lock of --save_path
+        distributed.cleanup()
 
 
-def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, earlier: bool) -> int:
-    """The evaluation proper, with --save_path locked: the previous run's outputs of this
-    dataset replaced (its pictures only in a folder a run marked), results written class by
-    class as incomplete files, renamed to the final ones once every class is in."""
-    replaced = clear_previous_outputs(args.save_path, args.dataset,
-                                      dataset.class_names if earlier else [])
-    logger = setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"), mode="w")
+def prepare(args, device, held: ExitStack) -> tuple:
+    """Everything checked before anything is written, then (rank 0) --save_path created,
+    locked (held until ``held`` closes) and cleared of the previous run's outputs of this
+    dataset (its pictures only in a folder a run marked)."""
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    detector = AnomalyDetector.from_files(
+        args.pretrained_path, args.checkpoint_path, device=device, sample_num=args.sample_num,
+        precision=args.precision, verify=not args.no_verify, **model_request(args))
+    detector.fewshot_weight = args.fewshot_weight
+    dataset = AnomalyDataset(args.data_path, args.dataset, mode="test",
+                             image_size=detector.image_size, class_names=args.classes)
+    # the registry's prompt wording, then the meta file's (a folder dataset's words)
+    detector.model.wording = {**dataset_info(args.dataset).wording, **dataset.wording}
+    detector.model.check_class_names(dataset.class_names)
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    shot_seeds = list(dict.fromkeys(args.shot_seeds)) if args.k_shot else []
+    drawn = (draw_references(args.data_path, args.dataset, dataset.class_names, args.k_shot,
+                             shot_seeds) if args.k_shot else None)
+    replaced: list[str] = []
+    if distributed.is_main():
+        earlier = is_output_folder(args.save_path)      # an earlier run's folder
+        make_output_folder(args.save_path)
+        held.enter_context(folder_lock(
+            os.path.join(args.save_path, LOCK_FILE),
+            f"--save_path {args.save_path} is being written by another test.py",
+            "no test.py is running", OutputError))
+        replaced = clear_previous_outputs(args.save_path, args.dataset,
+                                          dataset.class_names if earlier else [])
+    return detector, dataset, seeds, shot_seeds, drawn, device, replaced
+
+
+def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced) -> int:
+    """The evaluation proper: results written class by class (rank 0) as incomplete files,
+    renamed to the final ones once every class is in; across processes each rank scores its
+    share of every class and writes its images' pictures."""
+    main = distributed.is_main()
+    world = distributed.world_size()
+    logger = (setup_logging(os.path.join(args.save_path, f"test_{args.dataset}.log"), mode="w")
+              if main else logging.getLogger("bayes_pfl"))
     if replaced:
         logger.info("replaced the previous run's outputs: %s", ", ".join(replaced))
     logger.info("arguments: %s", vars(args))
-    logger.info("checkpoint %s (stage %d), %d test images, device %s, precision %s",
-                args.checkpoint_path, detector.stage, len(dataset), device, args.precision)
+    logger.info("checkpoint %s (stage %d), %d test images, device %s, precision %s%s",
+                args.checkpoint_path, detector.stage, len(dataset), device, args.precision,
+                f", {world} processes" if world > 1 else "")
     if drawn is not None:
         logger.info("few-shot: %d reference images per class from the train split, shot seeds "
                     "%s, few-shot weight %g", args.k_shot, shot_seeds, detector.fewshot_weight)
     set_seed(seeds[0])
+    sampler = (ClassShards([s["cls_name"] for s in dataset.samples], distributed.rank(), world)
+               if world > 1 else None)
+    workers = args.num_workers if args.num_workers is not None else default_workers(
+        int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False,
-                         num_workers=args.num_workers, seed=seeds[0])
+                         num_workers=workers, seed=seeds[0], sampler=sampler)
     vis_dir = None if args.no_vis else os.path.join(args.save_path, "imgs")
     settings = {**vars(args), "seeds": seeds, "shot_seeds": shot_seeds, "stage": detector.stage,
-                "model_spec": detector.spec.to_dict(), "fewshot_weight": detector.fewshot_weight}
+                "model_spec": detector.spec.to_dict(), "fewshot_weight": detector.fewshot_weight,
+                "processes": world}
     data = [data_record(args.data_path, args.dataset, class_counts(dataset.samples))]
     extra = {} if drawn is None else {"references": {
         "k_shot": args.k_shot, "from": "the train split", "fewshot_weight": detector.fewshot_weight,
@@ -176,13 +216,16 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, earlier:
     banks = None if drawn is None else reference_banks(detector, dataset, drawn)
     try:
         evaluate_runs(detector, loader, args.dataset, seeds, pro=args.pro, vis_dir=vis_dir,
-                      progress=not args.no_progress, logger=logger, on_class=save,
-                      save_uncertainty=args.save_uncertainty, references=banks)
+                      progress=not args.no_progress and main, logger=logger, on_class=save,
+                      save_uncertainty=args.save_uncertainty, references=banks,
+                      shot_seeds=shot_seeds if drawn is not None else None)
     except BaseException:
-        if runs and len(next(iter(runs.values()))) == len(dataset.class_names):
+        if main and runs and len(next(iter(runs.values()))) == len(dataset.class_names):
             # every class's results are in (a picture failed): they are complete
             write_all(args, runs, settings, {**extra, "provenance": record()}, pending=[])
         raise
+    if not main:
+        return 0
     tables = write_all(args, runs, settings, {**extra, "provenance": record()}, pending=[])
     for key, table in tables.items():
         if key is not None:

@@ -31,12 +31,14 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def default_workers() -> int:
-    """DataLoader workers by default: one per available CPU (:func:`available_cpus`)."""
-    return available_cpus()
+def default_workers(processes: int = 1) -> int:
+    """DataLoader workers by default: one per available CPU (:func:`available_cpus`), shared
+    by the ``processes`` of this machine (torchrun's ranks)."""
+    return max(1, available_cpus() // max(1, processes))
 
 
-WORKERS_HELP = "DataLoader workers (default: one per CPU available to this process)"
+WORKERS_HELP = ("DataLoader workers (default: one per CPU available to this process; under "
+                "torchrun, the CPUs shared by the processes of a machine)")
 
 
 def positive_int(text: str) -> int:

@@ -15,6 +15,8 @@ from tqdm import tqdm
 from dataset.registry import is_classification_only
 from models.noise import RunNoise
 from utils.checks import mask_warnings
+from utils.distributed import is_main
+from utils.distributed_eval import ClassShards, for_each_class
 from utils.pictures import PictureWriter
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
 from utils.results import write_results
@@ -80,7 +82,10 @@ def _batch_fewshot(detector, tokens: list[torch.Tensor], names: list[str],
 def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool = True,
                  desc: str = "test", leave: bool = True, return_std: bool = False,
                  references: Callable[[str], dict] | None = None,
-                 on_high_bit: Callable[[str, int], None] | None = None) -> Iterator[dict]:
+                 on_high_bit: Callable[[str, int], None] | None = None,
+                 first_index: dict[str, int] | None = None,
+                 keys: Sequence | None = None,
+                 counts: dict[str, int] | None = None) -> Iterator[dict]:
     """Run the detector over a loader whose samples come class after class (as
     ``AnomalyDataset`` orders them), once per seed, and yield {run: ClassOutputs} for each
     class once it is complete. The frozen image tower runs once per image for all runs (its
@@ -93,15 +98,20 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
     ``references(class name) -> {shot seed: ReferenceBank}``: the few-shot mode; the runs are
     then every (seed, shot seed) pair, a class's banks are built when its first image comes
     and each image's few-shot map is computed once for all seeds. ``on_high_bit(class, n)``:
-    called for each class with the number of its files of more than 8 bits read officially."""
+    called for each class with the number of its files of more than 8 bits read officially.
+    ``first_index[class]``: the index within its class of the loader's first image of it (a
+    process's share of the class, utils.distributed_eval.ClassShards; default 0). ``keys``:
+    the runs, when known beforehand (else the seeds, or the (seed, shot seed) pairs of the
+    first class's banks). ``counts[class]``: the loader's number of images of each class, so
+    that a class is handed over with its last image (else with the next class's first)."""
     dim = detector.model.prompt_context.shape[-1]
     noises = {s: None if s is None else RunNoise(s, detector.sample_num, dim) for s in seeds}
     banks: dict[str, dict] = {}                     # class -> shot seed -> bank
-    keys: list | None = None if references else list(seeds)
+    keys = list(keys) if keys is not None else (None if references else list(seeds))
     seen: dict[str, int] = {}                       # images of each class so far
     high_bit: dict[str, int] = {}
     current: dict | None = None                     # run -> _ClassBuffer
-    bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress,
+    bar = tqdm(total=len(loader.sampler), desc=desc, unit="img", disable=not progress,
                dynamic_ncols=True, leave=leave)
 
     def finish() -> dict:
@@ -112,11 +122,12 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
         return {k: b.finish() for k, b in current.items()}
 
     for batch in loader:
+        done = 0                                    # images of the batch already counted
         names = list(batch["cls_name"])
         flags = batch["high_bit_depth"].tolist() if "high_bit_depth" in batch else [0] * len(names)
         indices = []
         for name, flag in zip(names, flags):
-            indices.append(seen.get(name, 0))
+            indices.append(seen.get(name, (first_index or {}).get(name, 0)))
             seen[name] = indices[-1] + 1
             high_bit[name] = high_bit.get(name, 0) + int(flag)
         features, tokens = detector.encode_images(batch["image"].to(detector.device))
@@ -155,7 +166,15 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
                            paths=batch["img_path"][i], species=batch["specie_name"][i])
                 if "anomaly_map_std" in out:
                     buffer.add(stds=out["anomaly_map_std"][i:i + 1])
-        bar.update(len(names))
+            if counts is not None and len(next(iter(current.values())).parts["labels"]) \
+                    == counts.get(name):
+                # the class's last image: handed over now, not with the next class's first
+                bar.update(i + 1 - done)
+                done = i + 1
+                finished, current = finish(), None
+                yield finished
+                del finished
+        bar.update(len(names) - done)
     bar.close()
     if current is not None:
         finished, current = finish(), None
@@ -179,7 +198,8 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                   logger: logging.Logger | None = None,
                   on_class: Callable[[str, dict], None] | None = None,
                   save_uncertainty: bool = False,
-                  references: Callable[[str], dict] | None = None, device=None) -> dict:
+                  references: Callable[[str], dict] | None = None, device=None,
+                  shot_seeds: Sequence[int] | None = None) -> dict:
     """Per-class metrics of one dataset (SPEC §7) for each run: {run: {class: row}}, the
     image tower shared by the runs (:func:`iterate_runs`); a run is a seed, or with
     ``references`` (class -> {shot seed: ReferenceBank}) a (seed, shot seed) pair.
@@ -193,13 +213,19 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     Without ground truth (the loader's dataset ``classification_only``: the registry's
     classification-only datasets, or a folder dataset without masks) the pixel metrics are
     n/a; the registry's classification-only datasets also score images by the text score
-    alone (the official protocol), the others by the fused score."""
+    alone (the official protocol), the others by the fused score.
+
+    Across processes (torchrun; the loader's sampler a ``utils.distributed_eval.ClassShards``,
+    ``shot_seeds`` given with ``references``): each rank infers its share of every class, rank
+    0 computes the metrics of the gathered class (the runs it returns; other ranks return {})
+    and calls ``on_class``, and each rank writes its own images' pictures."""
     runs: dict = {}
     device = detector.device if device is None else device
     writer = None      # started with the first pictures: after the loader's workers
     text_only = is_classification_only(dataset_name)
     masks_used = not getattr(loader.dataset, "classification_only", text_only)
     say = logger or log                 # warnings go to the run's log when it has one
+    shards = loader.sampler if isinstance(loader.sampler, ClassShards) else None
 
     def high_bit(name: str, count: int) -> None:
         if count:
@@ -207,41 +233,74 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                         "official code reads them (Pillow's conversion to RGB clips 16-bit "
                         "values at 255)", name, count)
 
-    try:
-        for by_run in iterate_runs(detector, loader, seeds, progress,
-                                   return_std=bool(vis_dir) and save_uncertainty,
-                                   references=references, on_high_bit=high_bit):
-            rows, first = {}, None
-            for key, outputs in by_run.items():
-                metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
-                                         outputs.text_scores,
-                                         None if text_only else outputs.maps, outputs.name,
-                                         dataset_name, pro=pro, device=device)
-                rows[key] = runs.setdefault(key, {})[outputs.name] = {
-                    k: metrics.get(k) for k in COLUMNS}
-                if logger:
-                    logger.info("%s%s: %s", outputs.name,
-                                "" if len(by_run) == 1 else f" ({_run_label(key)})", ", ".join(
-                                    f"{k} {v:.4f}" for k, v in rows[key].items()
-                                    if v is not None))
-                if first is None:
-                    first = (outputs, metrics.get("smoothed_maps"), rows[key])
-                    for line in mask_warnings(outputs.name, outputs.labels,
-                                              outputs.masks if masks_used else None):
-                        say.warning("%s", line)
-                del metrics
-            name = next(iter(by_run.values())).name
-            if on_class:
-                on_class(name, rows)
-            if vis_dir:
-                outputs, smoothed, row = first
-                if smoothed is None:   # classification-only datasets: maps not scored
+    def score(by_run: dict) -> dict:
+        """The metrics of one class in every run: {"rows": {run: row}, "threshold",
+        "colour_range", "smoothed"} (the first run's picture settings and smoothed maps)."""
+        rows, first = {}, None
+        for key, outputs in by_run.items():
+            metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
+                                     outputs.text_scores, None if text_only else outputs.maps,
+                                     outputs.name, dataset_name, pro=pro, device=device)
+            rows[key] = runs.setdefault(key, {})[outputs.name] = {
+                k: metrics.get(k) for k in COLUMNS}
+            if logger:
+                logger.info("%s%s: %s", outputs.name,
+                            "" if len(by_run) == 1 else f" ({_run_label(key)})", ", ".join(
+                                f"{k} {v:.4f}" for k, v in rows[key].items() if v is not None))
+            if first is None:
+                smoothed = metrics.get("smoothed_maps")
+                if smoothed is None and vis_dir:   # maps not scored (classification-only)
                     smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
-                writer = writer or PictureWriter(vis_dir, detector.image_size)
-                writer.submit(outputs, smoothed, row.get("threshold"))
-            # the next class is inferred without this one's arrays (the picture writer keeps
-            # its own references until its pictures are handed to its processes)
-            del by_run, first
+                first = {"threshold": rows[key].get("threshold"), "smoothed": smoothed,
+                         "colour_range": None if smoothed is None else (
+                             float(smoothed.min()), float(smoothed.max()))}
+                for line in mask_warnings(outputs.name, outputs.labels,
+                                          outputs.masks if masks_used else None):
+                    say.warning("%s", line)
+            del metrics
+        return {"rows": rows, **first}
+
+    def pictures(part: dict, threshold, colour_range, smoothed=None) -> None:
+        nonlocal writer
+        outputs = next(iter(part.values()))
+        if smoothed is None:                      # this rank's share of the class
+            smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
+        writer = writer or PictureWriter(vis_dir, detector.image_size)
+        writer.submit(outputs, smoothed, threshold, colour_range)
+
+    local = iterate_runs(detector, loader, seeds, progress,
+                         return_std=bool(vis_dir) and save_uncertainty, references=references,
+                         on_high_bit=high_bit,
+                         first_index=None if shards is None else shards.offsets,
+                         keys=_run_keys(seeds, references, shot_seeds),
+                         counts=None if shards is None else shards.counts)
+    try:
+        if shards is None:
+            for by_run in local:
+                scored = score(by_run)
+                if on_class:
+                    on_class(next(iter(by_run.values())).name, scored["rows"])
+                if vis_dir:
+                    pictures(by_run, scored["threshold"], scored["colour_range"],
+                             scored["smoothed"])
+                # the next class is inferred without this one's arrays (the picture writer
+                # keeps its own references until its pictures are handed to its processes)
+                del by_run, scored
+        else:
+            def shared(whole: dict) -> dict:
+                scored = score(whole)
+                return {k: scored[k] for k in ("rows", "threshold", "colour_range")}
+
+            def handle(name: str, part: dict | None, scored: dict | None) -> None:
+                if scored is None:                    # no rank has an image of the class
+                    return
+                if on_class and is_main():
+                    on_class(name, scored["rows"])
+                if vis_dir and part is not None:
+                    pictures(part, scored["threshold"], scored["colour_range"])
+
+            for_each_class(local, shards.class_names, _run_keys(seeds, references, shot_seeds),
+                           shared, handle, finish=lambda: writer.close() if writer else None)
     except BaseException:
         if writer:
             writer.abort()      # the error at hand is the one to report
@@ -249,6 +308,16 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     if writer:
         writer.close()
     return runs
+
+
+def _run_keys(seeds: Sequence, references, shot_seeds: Sequence[int] | None) -> list | None:
+    """The runs: the seeds, or (seed, shot seed) pairs; None when the shot seeds are known only
+    from the first class's banks (one process)."""
+    if references is None:
+        return list(seeds)
+    if shot_seeds is None:
+        return None
+    return [(seed, shot) for seed in seeds for shot in shot_seeds]
 
 
 def evaluate_dataset(detector, loader, dataset_name: str, pro: str = "exact",

@@ -69,12 +69,15 @@ class PictureJob:
                                                                            width).view(bool)
 
 
-def class_jobs(outputs, smoothed: np.ndarray, threshold: float | None, out_dir: str
-               ) -> Iterator[PictureJob]:
+def class_jobs(outputs, smoothed: np.ndarray, threshold: float | None, out_dir: str,
+               colour_range: tuple[float, float] | None = None) -> Iterator[PictureJob]:
     """The jobs of one class: ``outputs`` (utils.evaluate.ClassOutputs: paths, species,
     masks [n, S, S], maps_std), ``smoothed`` [n, S, S]; pictures go to
-    ``out_dir/<class>/<specie>/<image stem>.png``."""
-    lo, hi = float(smoothed.min()), float(smoothed.max())
+    ``out_dir/<class>/<specie>/<image stem>.png``. ``colour_range`` (lo, hi): the class's
+    range when ``outputs`` hold only part of it (one process's share), else that of
+    ``smoothed``."""
+    lo, hi = (float(smoothed.min()), float(smoothed.max())) if colour_range is None \
+        else colour_range
     spreads = outputs.maps_std
     for i, path in enumerate(outputs.paths):
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -166,11 +169,12 @@ class PictureWriter:
     # ------------------------------------------------------------------------------------
     # The main thread
 
-    def submit(self, outputs, smoothed: np.ndarray, threshold: float | None) -> None:
-        """Hand the pictures of one class over (``outputs``, ``smoothed``: see
-        :func:`class_jobs`; the arrays must not change afterwards); raises a worker's earlier
-        error."""
-        self._hand_over((outputs, smoothed, threshold))
+    def submit(self, outputs, smoothed: np.ndarray, threshold: float | None,
+               colour_range: tuple[float, float] | None = None) -> None:
+        """Hand the pictures of one class over (``outputs``, ``smoothed``, ``colour_range``:
+        see :func:`class_jobs`; the arrays must not change afterwards); raises a worker's
+        earlier error."""
+        self._hand_over((outputs, smoothed, threshold, colour_range))
         self.submitted += len(outputs.paths)
 
     def close(self) -> None:
@@ -227,7 +231,8 @@ class PictureWriter:
                     continue
                 if item is None:
                     break
-                for job in class_jobs(*item, self.out_dir):
+                outputs, smoothed, threshold, colour_range = item
+                for job in class_jobs(outputs, smoothed, threshold, self.out_dir, colour_range):
                     self._put(job)
                 del item
             for _ in self._workers:
