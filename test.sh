@@ -6,8 +6,10 @@
 #
 # Environment: DATA (./dataset/mvisa/data), CLIP (./pretrained_weight/ViT-L-14-336px.pt),
 # WEIGHTS (./bayes_weight), OUT (./results), DEVICE (auto), SEEDS (e.g. "333 334 335": every
-# figure as mean ± std over these sampling seeds; default the official 333 alone), EXTRA (more
-# test.py flags, e.g. "--batch_size 8 --precision bf16 --no_vis").
+# figure as mean ± std over these sampling seeds; default the official 333 alone), GPUS (e.g.
+# "0,1,2,3": each dataset evaluated by one process per GPU, torchrun; the results equal one
+# process's; default: one process, the device DEVICE picks), EXTRA (more test.py flags, e.g.
+# "--batch_size 8 --precision bf16 --no_vis").
 set -u
 cd "$(dirname "$0")"
 DATA=${DATA:-./dataset/mvisa/data}
@@ -18,6 +20,16 @@ DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
 SEEDS=${SEEDS:-333}
 PYTHON=${PYTHON:-python}
+GPUS=${GPUS:-}
+# One process, or one per GPU of GPUS (torchrun; CUDA_VISIBLE_DEVICES keeps them to those GPUs).
+launch=("$PYTHON")
+if [ -n "$GPUS" ]; then
+  IFS=, read -r -a gpu_list <<< "$GPUS"
+  export CUDA_VISIBLE_DEVICES="$GPUS"
+  if [ "${#gpu_list[@]}" -ge 2 ]; then
+    launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "${#gpu_list[@]}")
+  fi
+fi
 # download addresses: models/weights.py holds them (and the SHA-256 of OpenAI's files)
 url_of() { "$PYTHON" -c 'import sys; from models.weights import download_url as u; print(u(sys.argv[1]))' "$1" 2>/dev/null || echo "the project page"; }
 CLIP_URL=$(url_of ViT-L-14-336px.pt)
@@ -72,7 +84,7 @@ for item in $runnable; do
   evaluated="$evaluated $d"
   echo "=== $d ($ckpt) ==="
   # shellcheck disable=SC2086
-  $PYTHON test.py --dataset "$d" --data_path "$DATA" --checkpoint_path "$ckpt" \
+  "${launch[@]}" test.py --dataset "$d" --data_path "$DATA" --checkpoint_path "$ckpt" \
     --save_path "$OUT/$d" --pretrained_path "$CLIP" --features_list 6 12 18 24 \
     --image_size 518 --prompt_context_len 5 --prompt_num 3 --prompt_state_len 5 \
     --sample_num 10 --num_flows 10 --seeds $SEEDS --device "$DEVICE" $EXTRA || failed=1

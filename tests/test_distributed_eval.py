@@ -119,3 +119,31 @@ def test_a_failing_rank_ends_every_rank_with_its_line(tiny_files, data, tmp_path
     assert "Traceback" not in ours and ours.count(" ERROR ") == 2
     saved = json.loads((tmp_path / "out" / "results_dist.incomplete.json").read_text())
     assert list(saved["classes"]) == ["mesh"]                 # the class before the failure
+
+
+@pytest.mark.slow
+def test_test_sh_gpus_runs_each_dataset_on_that_many_processes(tiny_files, tmp_path):
+    """GPUS=0,1 (here with DEVICE=cpu: two Gloo processes) gives the one-process results."""
+    from dataset.synthetic import write_standard
+
+    clip, ckpt = tiny_files
+    data = tmp_path / "data"
+    write_standard(str(data), name="BTAD", classes=["pill", "wood"], size=32, n_train=0,
+                   n_test_good=2, n_test_anomaly=3)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "train_visa.pth").write_bytes(open(ckpt, "rb").read())
+    results = {}
+    for gpus in ("", "0,1"):
+        out = tmp_path / f"out{gpus.replace(',', '')}"
+        env = dict(os.environ, DATA=str(data), CLIP=clip, WEIGHTS=str(weights), OUT=str(out),
+                   DEVICE="cpu", GPUS=gpus, PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                   EXTRA=" ".join(["--image_size", "32", "--features_list", "1", "2", "3", "4",
+                                   "--sample_num", "2", "--no_vis", "--num_workers", "0",
+                                   "--no_progress"]))
+        done = subprocess.run(["bash", os.path.join(ROOT, "test.sh")], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert "| BTAD |" in done.stdout, done.stderr
+        assert ("2 processes" in done.stderr) == bool(gpus)
+        results[gpus] = json.loads((out / "BTAD" / "results_BTAD.json").read_text())
+    assert results[""]["classes"] == results["0,1"]["classes"]

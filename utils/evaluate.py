@@ -111,7 +111,8 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
     seen: dict[str, int] = {}                       # images of each class so far
     high_bit: dict[str, int] = {}
     current: dict | None = None                     # run -> _ClassBuffer
-    bar = tqdm(total=len(loader.sampler), desc=desc, unit="img", disable=not progress,
+    sampler = getattr(loader, "sampler", None)
+    bar = tqdm(total=len(sampler if sampler is not None else loader.dataset), desc=desc, unit="img", disable=not progress,
                dynamic_ncols=True, leave=leave)
 
     def finish() -> dict:
@@ -225,7 +226,8 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     text_only = is_classification_only(dataset_name)
     masks_used = not getattr(loader.dataset, "classification_only", text_only)
     say = logger or log                 # warnings go to the run's log when it has one
-    shards = loader.sampler if isinstance(loader.sampler, ClassShards) else None
+    shards = getattr(loader, "sampler", None)
+    shards = shards if isinstance(shards, ClassShards) else None
 
     def high_bit(name: str, count: int) -> None:
         if count:
