@@ -157,11 +157,11 @@ def one_run(detector: AnomalyDetector, dataset, args, vis_dir: str | None) -> di
             super().__init__(out_dir, image_size, workers=args.picture_workers)
             writers.append(self)
 
-        def submit(self, outputs, smoothed, threshold):
+        def submit(self, outputs, smoothed, threshold, colour_range=None):
             if not first_class:
                 first_class.append((outputs, smoothed.copy(), threshold))
             with clocks.part("hand-over"):
-                super().submit(outputs, smoothed, threshold)
+                super().submit(outputs, smoothed, threshold, colour_range)
 
         def close(self):
             with clocks.part("pictures after the last class"):
