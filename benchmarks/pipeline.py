@@ -132,6 +132,7 @@ class TimedLoader:
 
     def __init__(self, loader, clocks: Clocks):
         self.loader, self.dataset, self.clocks = loader, loader.dataset, clocks
+        self.sampler = loader.sampler
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import SequentialSampler
 from tqdm import tqdm
 
 from dataset.registry import is_classification_only
@@ -40,24 +42,44 @@ class ClassOutputs:
 
 
 class _ClassBuffer:
-    """The per-image pieces of one class in one run, until the class is complete."""
+    """The per-image pieces of one class in one run, until the class is complete. With the
+    class's ``size`` known, the arrays are allocated once and each image is written in place
+    (no copy when the class is handed over)."""
 
-    def __init__(self, name: str):
+    ARRAYS = ("masks", "scores", "maps", "stds")
+
+    def __init__(self, name: str, size: int | None = None):
         self.name = name
+        self.size = size
+        self.count = 0                                  # images added
         self.parts: dict[str, list] = {k: [] for k in ("labels", "masks", "scores", "maps",
                                                         "stds", "paths", "species")}
+        self.arrays: dict[str, np.ndarray] = {}
 
     def add(self, **pieces) -> None:
+        """One image's pieces (all in one call: the arrays are written at its position)."""
         for key, value in pieces.items():
-            self.parts[key].append(value)
+            if self.size is not None and key in self.ARRAYS:
+                if key not in self.arrays:
+                    self.arrays[key] = np.empty((self.size,) + value.shape[1:], value.dtype)
+                self.arrays[key][self.count:self.count + len(value)] = value
+            else:
+                self.parts[key].append(value)
+        if "labels" in pieces:
+            self.count += 1
+
+    def _array(self, key: str) -> np.ndarray | None:
+        if key in self.arrays:
+            return self.arrays[key][:self.count]
+        return np.concatenate(self.parts[key]) if self.parts[key] else None
 
     def finish(self) -> ClassOutputs:
         p = self.parts
         return ClassOutputs(
             name=self.name, labels=np.asarray(p["labels"], dtype=np.int64),
-            masks=np.concatenate(p["masks"]), text_scores=np.concatenate(p["scores"]),
-            maps=np.concatenate(p["maps"]), paths=p["paths"], species=p["species"],
-            maps_std=np.concatenate(p["stds"]) if p["stds"] else None)
+            masks=self._array("masks"), text_scores=self._array("scores"),
+            maps=self._array("maps"), paths=p["paths"], species=p["species"],
+            maps_std=self._array("stds"))
 
 
 RunKey = Hashable     # a sampling seed, or (sampling seed, shot seed) with references
@@ -159,16 +181,17 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
                     finished, current = finish(), None
                     yield finished
                     del finished
-                current = {key: _ClassBuffer(name) for key in keys}
+                size = None if counts is None else counts.get(name)
+                current = {key: _ClassBuffer(name, size) for key in keys}
             for key, buffer in current.items():
                 out = outs[key]
+                spread = ({"stds": out["anomaly_map_std"][i:i + 1]}
+                          if "anomaly_map_std" in out else {})
                 buffer.add(labels=int(batch["label"][i]), masks=masks[i:i + 1],
                            scores=out["image_score"][i:i + 1], maps=out["anomaly_map"][i:i + 1],
-                           paths=batch["img_path"][i], species=batch["specie_name"][i])
-                if "anomaly_map_std" in out:
-                    buffer.add(stds=out["anomaly_map_std"][i:i + 1])
-            if counts is not None and len(next(iter(current.values())).parts["labels"]) \
-                    == counts.get(name):
+                           paths=batch["img_path"][i], species=batch["specie_name"][i],
+                           **spread)
+            if counts is not None and next(iter(current.values())).count == counts.get(name):
                 # the class's last image: handed over now, not with the next class's first
                 bar.update(i + 1 - done)
                 done = i + 1
@@ -275,7 +298,7 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                          on_high_bit=high_bit,
                          first_index=None if shards is None else shards.offsets,
                          keys=_run_keys(seeds, references, shot_seeds),
-                         counts=None if shards is None else shards.counts)
+                         counts=shards.counts if shards is not None else _class_counts(loader))
     try:
         if shards is None:
             for by_run in local:
@@ -310,6 +333,15 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     if writer:
         writer.close()
     return runs
+
+
+def _class_counts(loader) -> dict[str, int] | None:
+    """The images of each class a loader yields when it reads a whole dataset in order (an
+    ``AnomalyDataset`` with its default sampler), else None."""
+    samples = getattr(loader.dataset, "samples", None)
+    if samples is None or not isinstance(getattr(loader, "sampler", None), SequentialSampler):
+        return None
+    return dict(Counter(sample["cls_name"] for sample in samples))
 
 
 def _run_keys(seeds: Sequence, references, shot_seeds: Sequence[int] | None) -> list | None:

@@ -365,9 +365,18 @@ def iou_above(ss: SortedScores, threshold: float) -> float:
     """:func:`iou` of the positives against the samples scored strictly above ``threshold``,
     counted from ``sort_by_label`` output."""
     pos, neg = ss
-    hits = pos.size - int(np.searchsorted(pos, threshold, side="right"))
-    union = pos.size + neg.size - int(np.searchsorted(neg, threshold, side="right"))
+    hits = pos.size - int(np.searchsorted(pos, _needle(pos, threshold), side="right"))
+    union = pos.size + neg.size - int(np.searchsorted(neg, _needle(neg, threshold),
+                                                      side="right"))
     return 1.0 if union == 0 else hits / union
+
+
+def _needle(values: np.ndarray, x: float):
+    """``x`` as a scalar of ``values``' type when that is exact: numpy's searchsorted with a
+    needle of another type converts the whole array first (milliseconds on millions of
+    pixels); an ``x`` the type cannot hold exactly is searched as it is."""
+    cast = values.dtype.type(x)
+    return cast if cast == x else x
 
 
 def aupro_sorted(rs: RegionScores, fpr_limit: float = 0.3) -> float:
