@@ -21,8 +21,8 @@ import sys
 
 from models import AnomalyDetector
 from models.errors import UserError
-from utils.cli import (Parser, add_model_arguments, class_name_text, fail, model_request,
-                       non_negative_float, positive_int)
+from utils.cli import (Parser, add_model_arguments, add_weight_arguments, class_name_text, fail,
+                       model_request, non_negative_float, positive_int)
 from utils.export import export_onnx
 from utils.inference import find_references
 from utils.misc import setup_logging
@@ -33,11 +33,7 @@ from utils.results import OutputError
 def get_parser() -> argparse.ArgumentParser:
     p = Parser(description="Export a Bayes-PFL detector for one class to an ONNX file",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
-                   help="OpenAI CLIP weights")
-    p.add_argument("--checkpoint_path", default="./bayes_weight/train_visa.pth",
-                   help="Bayes-PFL checkpoint; the stage is read from epoch_post_{e}_{stage}.pth, "
-                        "else 2")
+    add_weight_arguments(p)
     p.add_argument("--class_name", type=class_name_text, required=True,
                    help="the object the file scores (put in the prompts, e.g. 'metal nut')")
     p.add_argument("--out", required=True, help="the ONNX file to write (e.g. part.onnx)")

@@ -31,9 +31,9 @@ from models import AnomalyDetector
 from models.errors import SettingsError, UserError
 from dataset.files import is_output_folder
 from dataset.locks import folder_lock
-from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, class_name_text, fail,
-                       interrupt_on_sigterm, model_request, non_negative_float, positive_int,
-                       probability)
+from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, add_weight_arguments,
+                       class_name_text, fail, interrupt_on_sigterm, model_request,
+                       non_negative_float, positive_int, probability)
 from utils.inference import (InputError, OnnxDetector, find_inputs, find_references,
                              predict_folder)
 from utils.onnx_detector import providers_for, require_runtime
@@ -231,11 +231,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = Parser(
         description="Bayes-PFL zero-shot anomaly scores and heat maps for your own images",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
-                   help="OpenAI CLIP weights")
-    p.add_argument("--checkpoint_path", default="./bayes_weight/train_visa.pth",
-                   help="Bayes-PFL checkpoint; the stage is read from epoch_post_{e}_{stage}.pth, "
-                        "else 2")
+    add_weight_arguments(p)
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, folders (searched recursively) or glob patterns "
                         "(quote them; ** allowed)")

@@ -31,3 +31,13 @@ def synth_root(tmp_path_factory):
     write_standard(root, name="synth", size=32, classes=["wood", "pill", "mesh"], n_train=0,
                    n_test_good=2, n_test_anomaly=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def det(tiny):
+    """An AnomalyDetector on ``tiny`` (32 px, layers 1 2 3 4, R 2)."""
+    from models import AnomalyDetector
+    from tests.clip_factory import TINY_LAYERS
+
+    clip, model = tiny
+    return AnomalyDetector(clip, model, image_size=32, sample_num=2, layers=TINY_LAYERS)

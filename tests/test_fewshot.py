@@ -30,12 +30,6 @@ TINY = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS), "--samp
 
 
 @pytest.fixture(scope="module")
-def det(tiny):
-    clip, model = tiny
-    return AnomalyDetector(clip, model, image_size=32, sample_num=2, layers=TINY_LAYERS)
-
-
-@pytest.fixture(scope="module")
 def shots_root(tmp_path_factory):
     """Two classes with 5 train images each, and a dataset without train images."""
     from dataset.synthetic import write_standard

@@ -254,7 +254,7 @@ def test_n_train_draws_reproducibly_without_replacement(raw, tmp_path, capsys):
         for cls in CLASSES:
             train, test = meta["train"][cls], meta["test"][cls]
             normal = [s for s in full[cls] if s["anomaly"] == 0]
-            # the generator of the brief: seeded from (seed, class name), without replacement
+            # the documented generator: seeded from (seed, class name), without replacement
             picked = np.random.default_rng([seed, zlib.crc32(cls.encode())]).choice(
                 len(normal), 2, replace=False)
             assert train == [normal[i] for i in sorted(picked)]

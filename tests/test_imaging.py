@@ -29,12 +29,6 @@ TINY = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS), "--samp
         "--no_progress"]
 
 
-@pytest.fixture(scope="module")
-def det(tiny):
-    clip, model = tiny
-    return AnomalyDetector(clip, model, image_size=32, sample_num=2, layers=TINY_LAYERS)
-
-
 def grey(seed: int, h: int = 24, w: int = 20) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w), np.uint8)
 

@@ -92,6 +92,16 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """--pretrained_path and --checkpoint_path with the official defaults (the files of
+    pretrained_weight/ and bayes_weight/)."""
+    parser.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
+                        help="OpenAI CLIP weights")
+    parser.add_argument("--checkpoint_path", default="./bayes_weight/train_visa.pth",
+                        help="Bayes-PFL checkpoint; its stage is the one it records, else the "
+                             "file name's (epoch_post_{e}_{stage}.pth), else 2")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, from_checkpoint: bool) -> None:
     """--features_list, --image_size, --prompt_num, --prompt_context_len, --prompt_state_len,
     --num_flows, --activation. ``from_checkpoint``: the defaults are None, meaning "what the

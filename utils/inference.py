@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.files import IMAGE_EXTENSIONS
+from models.detector import AnomalyDetector
 from models.errors import InputError
 from models.fewshot import ReferenceBank
 from models.imaging import preprocess, preprocess_image, to_pil_image
@@ -92,19 +93,8 @@ def image_list(images, what: str = "images") -> list:
 
 
 def _class_names(class_name, count: int) -> list[str]:
-    if isinstance(class_name, str):
-        names = [class_name] * count
-    elif isinstance(class_name, (list, tuple)):
-        names = list(class_name)
-    else:
-        raise InputError(f"class_name must be a string (or a list of one per image), not "
-                         f"{class_name!r}")
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise InputError(f"a class name must be a non-empty string, not {name!r}")
-    if len(names) != count:
-        raise InputError(f"{len(names)} class names for {count} images")
-    return names
+    """One non-empty class name per image (one for all repeated), else one InputError."""
+    return AnomalyDetector.class_names_of(class_name, count)
 
 
 def references_of(detector, references, exif_transpose: bool = True) -> ReferenceBank | None:
