@@ -1,6 +1,6 @@
 """The whole Bayes-PFL method on a laptop, in a few minutes, without downloads.
 
-    python demo.py                # about 3-4 minutes on 2 CPU cores
+    python demo.py                # about 2.5 minutes on 2 CPU cores
 
 1. generates a synthetic MVTec-style dataset (textures and objects with scratches, cracks,
    holes, stains and missing parts, with exact masks);

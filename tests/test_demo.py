@@ -1,7 +1,7 @@
 """The demo learns: zero-shot pixel AUROC on unseen synthetic categories clearly above chance,
 and higher still with 4 good reference images of each.
 
-Runs the real demo (about 2 minutes on 2 CPU cores). With the default seed the figure is
+Runs the real demo (about 2.5 minutes on 2 CPU cores). With the default seed the figure is
 about 64 (mesh ~40, ring ~70, wood ~84); it moves by a few points between machines
 (floating-point differences), so the assertion leaves a wide margin."""
 

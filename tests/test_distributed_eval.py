@@ -133,17 +133,24 @@ def test_test_sh_gpus_runs_each_dataset_on_that_many_processes(tiny_files, tmp_p
     weights = tmp_path / "weights"
     weights.mkdir()
     (weights / "train_visa.pth").write_bytes(open(ckpt, "rb").read())
-    results = {}
-    for gpus in ("", "0,1"):
-        out = tmp_path / f"out{gpus.replace(',', '')}"
-        env = dict(os.environ, DATA=str(data), CLIP=clip, WEIGHTS=str(weights), OUT=str(out),
-                   DEVICE="cpu", GPUS=gpus, PYTHON=sys.executable, OMP_NUM_THREADS="1",
-                   EXTRA=" ".join(["--image_size", "32", "--features_list", "1", "2", "3", "4",
-                                   "--sample_num", "2", "--no_vis", "--num_workers", "0",
-                                   "--no_progress"]))
-        done = subprocess.run(["bash", os.path.join(ROOT, "test.sh")], capture_output=True,
-                              text=True, env=env, timeout=300)
-        assert "| BTAD |" in done.stdout, done.stderr
-        assert ("2 processes" in done.stderr) == bool(gpus)
-        results[gpus] = json.loads((out / "BTAD" / "results_BTAD.json").read_text())
-    assert results[""]["classes"] == results["0,1"]["classes"]
+    out = tmp_path / "out"
+    env = dict(os.environ, DATA=str(data), CLIP=clip, WEIGHTS=str(weights), OUT=str(out),
+               DEVICE="cpu", GPUS="0,1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               EXTRA=" ".join(["--image_size", "32", "--features_list", "1", "2", "3", "4",
+                               "--sample_num", "2", "--no_vis", "--num_workers", "0",
+                               "--no_progress"]))
+    done = subprocess.run(["bash", os.path.join(ROOT, "test.sh")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert "| BTAD |" in done.stdout, done.stderr
+    assert "2 processes" in done.stderr
+    import test as test_script                              # one process, in this one
+
+    assert test_script.main(["--dataset", "BTAD", "--data_path", str(data), "--checkpoint_path",
+                             ckpt, "--pretrained_path", clip, "--device", "cpu", "--seeds", "333",
+                             "--image_size", "32", "--features_list", "1", "2", "3", "4",
+                             "--sample_num", "2",
+                             "--no_vis", "--num_workers", "0", "--no_progress",
+                             "--save_path", str(tmp_path / "one")]) == 0
+    two = json.loads((out / "BTAD" / "results_BTAD.json").read_text())
+    one = json.loads((tmp_path / "one" / "results_BTAD.json").read_text())
+    assert two["classes"] == one["classes"] and two["settings"]["processes"] == 2
