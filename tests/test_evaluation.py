@@ -1,7 +1,6 @@
 """test.py end to end on the synthetic dataset with a tiny random CLIP and checkpoint."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("bayes_pfl_test_cli",
-                                                  os.path.join(ROOT, "test.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.scripts import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def _args(tiny_files, data_root, out, *extra):
 
 def test_end_to_end_outputs_agree_and_batch_size_does_not_matter(tiny_files, data_root, tmp_path,
                                                                   capsys):
-    cli = _load_cli()
+    cli = load_script("test")
     assert cli.main(_args(tiny_files, data_root, tmp_path / "b1", "--batch_size", "1")) == 0
     table = capsys.readouterr().out
     assert cli.main(_args(tiny_files, data_root, tmp_path / "b4", "--batch_size", "4",
@@ -79,7 +70,7 @@ def test_end_to_end_outputs_agree_and_batch_size_does_not_matter(tiny_files, dat
 
 
 def test_official_pro_and_stage_from_name(tiny_files, data_root, tmp_path):
-    cli = _load_cli()
+    cli = load_script("test")
     clip_path, ckpt = tiny_files
     stage1 = tmp_path / "epoch_post_3_1.pth"
     stage1.write_bytes(open(ckpt, "rb").read())
@@ -100,7 +91,7 @@ def test_missing_weights_and_data_are_one_line_errors(tiny_files, data_root, tmp
     assert r.returncode == 1
     assert "ViT-L-14-336px.pt" in r.stderr and "download" in r.stderr
     assert "Traceback" not in r.stderr
-    cli = _load_cli()
+    cli = load_script("test")
     assert cli.main(_args(tiny_files, str(tmp_path / "nowhere"), tmp_path / "y")) == 1
 
 

@@ -3,7 +3,6 @@ input its one line and no file, and test.py / train.py run on the result."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,9 +18,9 @@ from dataset.folder import folder_meta, main
 from dataset.synthetic import generate_raw
 from models.errors import SettingsError
 from tests.clip_factory import TINY_LAYERS
+from tests.scripts import load_script
 from utils.training import TrainConfig, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("pill", "wood")
 N_TRAIN, N_GOOD, N_ANOMALY = 2, 4, 3          # per class; anomaly types crack, hole, + a third
 
@@ -494,14 +493,6 @@ def test_dataset_reads_images_labels_and_masks(raw, tmp_path, capsys):
             assert float(item["mask"].sum()) == 0.0
 
 
-def _load_test_cli():
-    spec = importlib.util.spec_from_file_location("bayes_pfl_test_cli_folder",
-                                                  os.path.join(ROOT, "test.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("masks", [True, False])
 def test_test_py_runs_on_a_folder(raw, tmp_path, tiny_files, capsys, masks):
     root = tmp_path / "mine"
@@ -510,7 +501,7 @@ def test_test_py_runs_on_a_folder(raw, tmp_path, tiny_files, capsys, masks):
     assert run(capsys, root, "--dataset", "mine")[0] == 0
     clip_path, ckpt = tiny_files
     out = tmp_path / "results"
-    assert _load_test_cli().main([
+    assert load_script("test").main([
         "--dataset", "mine", "--data_path", str(root), "--pretrained_path", clip_path,
         "--checkpoint_path", ckpt, "--image_size", "32", "--features_list",
         *map(str, TINY_LAYERS), "--sample_num", "2", "--save_path", str(out), "--no_vis",
@@ -524,14 +515,6 @@ def test_test_py_runs_on_a_folder(raw, tmp_path, tiny_files, capsys, masks):
             assert 0.0 <= row["auroc_px"] <= 1.0
 
 
-def _load_train_cli():
-    spec = importlib.util.spec_from_file_location("bayes_pfl_train_cli_folder",
-                                                  os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_py_uses_a_folder_as_auxiliary_data(raw, tmp_path, tiny_files, capsys):
     root = tmp_path / "mine"
     for cls in CLASSES:
@@ -542,7 +525,7 @@ def test_train_py_uses_a_folder_as_auxiliary_data(raw, tmp_path, tiny_files, cap
               "--pretrained_path", clip_path, "--image_size", "32", "--features_list",
               *map(str, TINY_LAYERS), "--batch_size", "4", "--val_batch_size", "4",
               "--sample_num", "2", "--num_workers", "0", "--device", "cpu", "--no_verify"]
-    cli = _load_train_cli()
+    cli = load_script("train")
     # an unknown dataset has no official validation set: one line saying what to pass
     assert cli.main([*common, "--epochs", "1", "--save_path", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

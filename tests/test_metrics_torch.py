@@ -11,6 +11,7 @@ from utils import metrics, metrics_torch, protocol
 from utils.metrics import label_regions
 from utils.protocol import evaluate_class
 from tests.test_metrics import _aupro_brute, _small_case
+from tests.test_protocol import _class_case as protocol_case
 
 ALL = ("auroc_px", "aupro_px", "ap_px", "f1_px", "iou", "threshold", "auroc_sp", "ap_sp",
        "f1_sp")
@@ -160,18 +161,7 @@ def test_aupro_at_518_pixels():
 
 
 def _class_case(seed=0, n=6, size=40, decimals=None):
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 2
-    masks = np.zeros((n, size, size), dtype=bool)
-    for i in np.flatnonzero(labels):
-        r, c = rng.integers(4, size - 14, 2)
-        masks[i, r:r + 10, c:c + 10] = True
-        masks[i, r + 12, c] = True                        # a one-pixel region beside it
-    maps = rng.random((n, size, size)) * 0.5 + 0.4 * masks
-    if decimals is not None:
-        maps = np.round(maps, decimals)
-    text = 0.3 * labels + 0.5 * rng.random(n)
-    return labels, masks, text, maps.astype(np.float32)
+    return protocol_case(seed, n, size, speck=True, decimals=decimals)
 
 
 def _on_device(monkeypatch):

@@ -68,17 +68,22 @@ def test_fusion_rule():
     np.testing.assert_allclose(got, 0.5 * norm_text + 0.5 * norm_mean, atol=1e-9)
 
 
-def _class_case(seed=0, n=6, size=40):
-    """Half the images anomalous with a square defect scored higher than the rest."""
+def _class_case(seed=0, n=6, size=40, speck=False, decimals=None):
+    """Half the images anomalous with a square defect scored higher than the rest; ``speck``
+    adds a one-pixel region beside each square, ``decimals`` rounds the maps (ties)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
     masks = np.zeros((n, size, size), dtype=bool)
     for i in np.flatnonzero(labels):
         r, c = rng.integers(4, size - 14, 2)
         masks[i, r:r + 10, c:c + 10] = True
-    maps = (rng.random((n, size, size)) * 0.5 + 0.4 * masks).astype(np.float32)
+        if speck:
+            masks[i, r + 12, c] = True
+    maps = rng.random((n, size, size)) * 0.5 + 0.4 * masks
+    if decimals is not None:
+        maps = np.round(maps, decimals)
     text = 0.3 * labels + 0.5 * rng.random(n)
-    return labels, masks, text, maps
+    return labels, masks, text, maps.astype(np.float32)
 
 
 def test_evaluate_class_metrics():
