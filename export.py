@@ -24,7 +24,7 @@ from models.errors import UserError
 from utils.cli import (Parser, add_model_arguments, add_weight_arguments, class_name_text, fail,
                        model_request, non_negative_float, positive_int)
 from utils.export import export_onnx
-from utils.inference import find_references
+from utils.inference import find_references, references_of
 from utils.misc import setup_logging
 from utils.onnx_detector import require_onnx
 from utils.results import OutputError
@@ -71,7 +71,7 @@ def run(args) -> dict:
         args.pretrained_path, args.checkpoint_path, device="cpu", sample_num=args.sample_num,
         verify=not args.no_verify, **model_request(args))
     detector.fewshot_weight = args.fewshot_weight
-    bank = detector.reference_bank(references) if references else None
+    bank = references_of(detector, references) if references else None   # upright by EXIF
     result = export_onnx(detector, args.class_name, args.out, seed=args.seed, references=bank,
                          uncertainty=args.uncertainty, fp16=args.fp16,
                          external_data=args.external_data or None,

@@ -35,7 +35,7 @@ from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, add_w
                        class_name_text, fail, interrupt_on_sigterm, model_request,
                        non_negative_float, positive_int, probability)
 from utils.inference import (InputError, OnnxDetector, find_inputs, find_references,
-                             predict_folder)
+                             predict_folder, references_of)
 from utils.onnx_detector import providers_for, require_runtime
 from utils.misc import resolve_device, set_seed
 from utils.provenance import file_sha256, provenance
@@ -146,10 +146,11 @@ def clear_previous_outputs(out: str) -> list[str]:
     return removed
 
 
-def load_references(detector, paths: list[str]):
-    """The few-shot bank of the --reference images (each read by range; an unreadable one is
+def load_references(detector, paths: list[str], exif_transpose: bool):
+    """The few-shot bank of the --reference images (each read by range and, as the scored
+    images, turned upright by its EXIF orientation unless --ignore_exif; an unreadable one is
     one line)."""
-    bank = detector.reference_bank(paths)
+    bank = references_of(detector, paths, exif_transpose)
     print(f"few-shot: {bank.count} reference images", file=sys.stderr, flush=True)
     return bank
 
@@ -196,7 +197,8 @@ def run(args) -> dict:
         detector.model.check_class_names(
             [i.class_name for i in inputs.items + inputs.calibration])
         detector.fewshot_weight = args.fewshot_weight
-        bank = load_references(detector, references) if references else None
+        bank = (load_references(detector, references, not args.ignore_exif)
+                if references else None)
         settings = {**vars(args), "model_spec": detector.spec.to_dict()}
     weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
     earlier = is_output_folder(args.out)
@@ -209,14 +211,19 @@ def run(args) -> dict:
             if replaced:
                 warn(f"replaced the previous run's {', '.join(replaced)} in {args.out}")
         set_seed(args.seed)
-        result = predict_folder(
-            detector, inputs, args.out, threshold=args.threshold, calibrate=args.calibrate,
-            percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
-            overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
-            progress=not args.no_progress, settings=settings, uncertainty=args.uncertainty,
-            references=bank, extra=lambda: {"provenance": provenance(
-                settings, *weights, device=detector.device, precision=args.precision,
-                started=started)})
+        try:
+            result = predict_folder(
+                detector, inputs, args.out, threshold=args.threshold, calibrate=args.calibrate,
+                percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
+                overlays=not args.no_overlay, exif_transpose=not args.ignore_exif,
+                progress=not args.no_progress, settings=settings, uncertainty=args.uncertainty,
+                references=bank, extra=lambda: {"provenance": provenance(
+                    settings, *weights, device=detector.device, precision=args.precision,
+                    started=started)})
+        except KeyboardInterrupt as stop:
+            # predictions.json now can only be this run's (the earlier one's was cleared)
+            stop.scored_so_far = os.path.isfile(os.path.join(args.out, "predictions.json"))
+            raise
     if not result["predictions"]:
         raise InputError(f"none of the {len(result['skipped'])} images could be read (listed "
                          f"in {result['files']['csv']}): check the files")
@@ -292,11 +299,10 @@ def main(argv=None) -> int:
         return fail(str(e), 2)
     except UserError as e:
         return fail(str(e), 1)
-    except KeyboardInterrupt:
-        written = os.path.join(args.out, "predictions.json")
+    except KeyboardInterrupt as stop:
         return fail("interrupted: " + (
             f"the images scored so far are in {args.out}/predictions.csv and predictions.json "
-            f"(marked \"status\": \"interrupted\")" if os.path.isfile(written)
+            f"(marked \"status\": \"interrupted\")" if getattr(stop, "scored_so_far", False)
             else "nothing was scored"), 130)
     rows = result["predictions"]
     if rows:

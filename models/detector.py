@@ -149,10 +149,12 @@ class AnomalyDetector:
         return {k: v for k, v in out.items() if k in PREDICTED}
 
     @torch.no_grad()
-    def reference_bank(self, images, chunk: int = REFERENCE_BATCH) -> ReferenceBank:
+    def reference_bank(self, images, chunk: int = REFERENCE_BATCH,
+                       exif_transpose: bool = False) -> ReferenceBank:
         """The memory bank of K good reference images: a preprocessed [K, 3, S, S] batch, or
-        a sequence of paths, PIL images or arrays (read by range, ``models.imaging``) or
-        preprocessed [3, S, S] tensors. The image tower runs ``chunk`` images at a time."""
+        a sequence of paths, PIL images or arrays (read by range, ``models.imaging``; turned
+        upright by their EXIF orientation with ``exif_transpose``) or preprocessed [3, S, S]
+        tensors. The image tower runs ``chunk`` images at a time."""
         paths: tuple[str, ...] = ()
         if isinstance(images, torch.Tensor):
             batch = self.check_images(images, "the reference batch")
@@ -166,7 +168,8 @@ class AnomalyDetector:
                 paths = tuple(os.fspath(im) for im in images)
             batch = torch.stack([
                 self.check_images(im[None], "a reference tensor")[0] if isinstance(
-                    im, torch.Tensor) else preprocess(im, self.image_size) for im in images])
+                    im, torch.Tensor) else preprocess(im, self.image_size, exif_transpose)
+                for im in images])
         if batch.shape[0] == 0:
             raise InputError("no reference images: give at least one good image")
         parts: list[list[torch.Tensor]] = [[] for _ in self.layers]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -154,6 +155,50 @@ def test_reference_bank_takes_batches_paths_and_images(det, tmp_path):
                             layers=[4, 3, 2, 1])
     with pytest.raises(SettingsError, match=r"layers \[1, 2, 3, 4\] at 32 px"):
         other.predict(torch.zeros(1, 3, 32, 32), "pill", references=from_paths)
+
+
+def test_references_are_read_upright_as_the_scored_images(det, tmp_path, monkeypatch):
+    """A phone photo stored sideways with an EXIF orientation: predict.py, export.py and the
+    API read a reference upright, as they read the images they score (--ignore_exif: as
+    stored); AnomalyDetector.reference_bank keeps the models layer's plain reading."""
+    import export
+    from utils.inference import references_of
+
+    stored = np.random.default_rng(8).integers(0, 256, (24, 40, 3), np.uint8)
+    rotated = str(tmp_path / "sideways.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # rotate 90 degrees to view
+    Image.fromarray(stored).save(rotated, exif=exif.tobytes())
+    upright = str(tmp_path / "upright.png")
+    Image.open(rotated).transpose(Image.Transpose.ROTATE_270).save(upright)
+    as_stored = str(tmp_path / "stored.png")
+    Image.fromarray(stored).save(as_stored)
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+
+    want, plain = det.reference_bank([upright]), det.reference_bank([as_stored])
+    assert not same(want, plain)
+    assert same(det.reference_bank([rotated], exif_transpose=True), want)
+    assert same(det.reference_bank([rotated]), plain)
+    assert same(references_of(det, [rotated]), want)
+    assert same(predict.load_references(det, [rotated], True), want)
+    assert same(predict.load_references(det, [rotated], False), plain)
+    assert references_of(det, [rotated]).paths == (rotated,)
+    # export.py bakes in the upright bank
+    baked = {}
+
+    def export_onnx(detector, name, out, references=None, **settings):
+        baked["bank"] = references
+        return SimpleNamespace(path=out, files=[out], size_bytes=0, seconds=0.0, metadata={})
+
+    monkeypatch.setattr(det, "fewshot_weight", det.fewshot_weight)     # restored afterwards
+    monkeypatch.setattr(export.AnomalyDetector, "from_files", lambda *a, **k: det)
+    monkeypatch.setattr(export, "export_onnx", export_onnx)
+    export.run(export.get_parser().parse_args([
+        "--pretrained_path", "clip.pt", "--checkpoint_path", "ckpt.pth", "--class_name",
+        "pill", "--out", str(tmp_path / "x.onnx"), "--reference", rotated]))
+    assert same(baked["bank"], want)
 
 
 def test_predict_images_with_references_equals_the_bank_path(det, tmp_path):

@@ -22,7 +22,6 @@ both in [0, 1]. The official per-class min-max needs a whole test set and is not
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -104,9 +103,10 @@ def references_of(detector, references, exif_transpose: bool = True) -> Referenc
     if references is None or isinstance(references, ReferenceBank):
         return references
     given = image_list(references, "reference images")
-    bank = detector.reference_bank([to_pil_image(im, exif_transpose) for im in given])
-    paths = tuple(os.fspath(r) for r in given if isinstance(r, (str, os.PathLike)))
-    return dataclasses.replace(bank, paths=paths) if len(paths) == len(given) else bank
+    for im in given:                  # images only, as for predict_images: a tensor gets its line
+        if isinstance(im, torch.Tensor):
+            to_pil_image(im)
+    return detector.reference_bank(given, exif_transpose=exif_transpose)
 
 
 def predict_images(detector, images, class_name: str | Sequence[str],

@@ -195,7 +195,7 @@ class OnnxDetector:
                                 f"{self.seed} baked in: use --seed {self.seed}, or export the "
                                 f"file again with --seed {seed if seed is not None else 'N'}")
 
-    def reference_bank(self, images, chunk: int = 8):
+    def reference_bank(self, images, chunk: int = 8, exif_transpose: bool = False):
         """References cannot be added to an exported file: one SettingsError."""
         raise SettingsError(f"few-shot references are baked into the file at export: "
                             f"{self.path} holds {self.references}; export it again with "
