@@ -191,6 +191,26 @@ def test_an_interrupted_predict_py_keeps_every_scored_row(tiny_files, tmp_path, 
     assert len(result["predictions"]) == 2
 
 
+def test_predict_py_interrupted_before_scoring_says_nothing_was_scored(tiny_files, tmp_path,
+                                                                      monkeypatch, capsys):
+    """Ctrl-C while the weights load, into the folder of a complete earlier run: nothing of
+    this run was scored, and the earlier run's files are not called this run's."""
+    inputs = _images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    args = ("--input", inputs, "--class_name", "pill", "--out", str(out))
+    assert _predict(tiny_files, *args) == 0
+    capsys.readouterr()
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "load_detector", stopped)
+    assert _predict(tiny_files, *args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing was scored" in err and "scored so far" not in err
+    assert json.loads((out / "predictions.json").read_text())["status"] == "complete"
+
+
 def test_a_full_disk_during_predict_py_keeps_the_rows_already_scored(tiny_files, tmp_path,
                                                                      monkeypatch):
     inputs = _images(tmp_path / "in", 4)
