@@ -300,12 +300,7 @@ class AnomalyDetector:
     def fewshot(self, tokens: list[torch.Tensor], references: ReferenceBank) -> torch.Tensor:
         """The few-shot map [B, S, S] of layer tokens [B, G*G, V] against a bank made by this
         detector's image tower (its layers and image size; checked)."""
-        if tuple(references.layers) != tuple(self.layers) \
-                or references.image_size != self.image_size:
-            raise SettingsError(f"the reference bank was made from layers "
-                                f"{list(references.layers)} at {references.image_size} px, this "
-                                f"detector uses layers {self.layers} at {self.image_size} px: "
-                                f"build it with this detector's reference_bank()")
+        references.check_for(self.layers, self.image_size)
         bank = references if references.device == tokens[0].device else references.to(
             tokens[0].device)
         return fewshot_map(tokens, bank, self.image_size, self.fewshot_chunk)

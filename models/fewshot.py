@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import SettingsError
+
 # Largest similarity block computed at once (query rows x bank rows), float32: 64 MiB.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -52,6 +54,14 @@ class ReferenceBank:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tokens)
+
+    def check_for(self, layers: Sequence[int], image_size: int) -> None:
+        """One SettingsError unless the bank was made from ``layers`` at ``image_size``."""
+        if tuple(self.layers) != tuple(layers) or self.image_size != image_size:
+            raise SettingsError(f"the reference bank was made from layers {list(self.layers)} "
+                                f"at {self.image_size} px, this detector uses layers "
+                                f"{list(layers)} at {image_size} px: build it with this "
+                                f"detector's reference_bank()")
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor,
