@@ -234,6 +234,18 @@ def test_settings_that_differ_from_the_file_are_one_line(tiny_export, tmp_path, 
         OnnxDetector(tiny_export, providers=["NoSuchExecutionProvider"])
 
 
+@pytest.mark.parametrize("words", [70, 80])      # past the prompt's room; past 77 tokens
+def test_a_class_name_too_long_for_the_text_tower_is_one_line(tiny_files, tmp_path, capsys,
+                                                              words):
+    clip_path, ckpt_path = tiny_files
+    out = tmp_path / "x.onnx"
+    assert export.main(["--pretrained_path", clip_path, "--checkpoint_path", ckpt_path, *TINY,
+                        "--class_name", "cat " * words, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "too long for the text tower" in err
+    assert "Traceback" not in err and not os.path.exists(out)
+
+
 def test_providers_for_the_device_setting():
     cpu_only, with_cuda = ["CPUExecutionProvider"], ["CUDAExecutionProvider",
                                                      "CPUExecutionProvider"]

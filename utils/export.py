@@ -41,7 +41,6 @@ from torch import nn
 
 from models.bayes_pfl import packed_pair_layout
 from models.detector import AnomalyDetector
-from models.errors import SettingsError
 from models.fewshot import DEFAULT_CHUNK_ELEMENTS, ReferenceBank
 from models.noise import shared_noise
 from models.weights import sha256_of
@@ -159,14 +158,11 @@ class ExportedDetector(nn.Module):
         self.prompt_text = "X " + prompt_class_name(class_name, model.wording)
 
         # the class text around the prompt vectors: [SOS] and the name tokens onwards
+        model.check_class_names([class_name])           # one SettingsError if it cannot fit
         tokens = model.class_tokens([class_name], device)                   # [1, 77]
         m = model.prompt_context_len + model.prompt_state_len
-        eot = int(tokens[0].argmax()) + m - 1                               # after insertion
-        if eot >= tokens.shape[1]:
-            raise SettingsError(f"--class_name '{class_name}' is too long: with {m} prompt "
-                                f"vectors its text needs more than {tokens.shape[1]} "
-                                f"positions; use a shorter class name")
-        t = eot + 1                                                         # positions run
+        t = model.text_positions(int(tokens[0].argmax()) + 1, m)            # positions run
+        eot = t - 1                                                         # after insertion
         with torch.no_grad():
             emb = clip.token_embedding(tokens).float()                      # [1, 77, W]
         self.register_buffer("sos", emb[:, :1].clone())                     # [1, 1, W]
@@ -190,13 +186,7 @@ class ExportedDetector(nn.Module):
         self.reference_count = 0
         self.reference_paths: tuple[str, ...] = ()
         if references is not None:
-            if tuple(references.layers) != tuple(self.layers) \
-                    or references.image_size != self.image_size:
-                raise SettingsError(f"the reference bank was made from layers "
-                                    f"{list(references.layers)} at {references.image_size} px, "
-                                    f"the detector uses layers {self.layers} at "
-                                    f"{self.image_size} px: build it with the detector's "
-                                    f"reference_bank()")
+            references.check_for(self.layers, self.image_size)
             self.reference_count = references.count
             self.reference_paths = tuple(references.paths)
             for i, bank in enumerate(references.tokens):
