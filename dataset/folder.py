@@ -34,15 +34,14 @@ import argparse
 import json
 import os
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dataset.draws import draw_indices
 from dataset.errors import DatasetError
 from dataset.files import list_dirs, list_files, write_text_atomic
 from dataset.make_meta import check_mask_size, meta_sample
@@ -297,9 +296,7 @@ def _draw_train(listing: ClassListing, n_train: int, seed: int) -> List[Path]:
         raise SettingsError(f"--n_train {n_train}: class {listing.name} ({listing.folder}) has "
                             f"{len(normal)} normal test images; pass --n_train below "
                             f"{len(normal)}, so that some stay for testing.")
-    rng = np.random.default_rng([seed, zlib.crc32(listing.name.encode("utf-8"))])
-    picked = sorted(rng.choice(len(normal), size=n_train, replace=False).tolist())
-    return [normal[i] for i in picked]
+    return [normal[i] for i in sorted(draw_indices(len(normal), n_train, seed, listing.name))]
 
 
 def default_wording(name: str) -> str:

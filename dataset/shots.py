@@ -9,12 +9,10 @@ replacement, so a class's references are the same whatever other classes are eva
 from __future__ import annotations
 
 import os
-import zlib
 from typing import Sequence
 
-import numpy as np
-
 from dataset.data import load_meta, meta_path
+from dataset.draws import draw_indices
 from dataset.errors import DatasetError
 
 
@@ -28,10 +26,9 @@ def train_images(meta: dict, class_name: str) -> list[str]:
 
 def draw_shots(paths: Sequence[str], k: int, shot_seed: int, class_name: str) -> list[str]:
     """``k`` of ``paths`` drawn without replacement by the generator of (shot seed, class)."""
-    if not 1 <= k <= len(paths):
+    if k < 1:
         raise ValueError(f"cannot draw {k} of {len(paths)} images")
-    rng = np.random.default_rng([int(shot_seed) % 2**32, zlib.crc32(class_name.encode("utf-8"))])
-    return [paths[i] for i in rng.choice(len(paths), size=k, replace=False)]
+    return [paths[i] for i in draw_indices(len(paths), k, shot_seed, class_name)]
 
 
 def draw_references(root: str, dataset_name: str, class_names: Sequence[str], k: int,
