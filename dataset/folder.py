@@ -45,7 +45,8 @@ from dataset.draws import draw_indices
 from dataset.errors import DatasetError
 from dataset.files import list_dirs, list_files, write_text_atomic
 from dataset.make_meta import check_mask_size, meta_sample
-from models.errors import SettingsError
+from models.errors import InputError, SettingsError
+from models.imaging import to_8bit
 from models.wording import OFFICIAL_WORDING
 
 SOURCE = "dataset.folder"
@@ -264,12 +265,19 @@ def _require_masks(listings: Sequence[ClassListing], normal_dir: str) -> None:
                     f"remove the image.")
 
 
-def check_readable(path: Path) -> None:
-    """Open and decode an image file; a DatasetError naming it when it cannot be read (a
-    truncated file included, which its header alone does not show)."""
+def check_readable(path: Path, image: bool = True) -> Tuple[int, int]:
+    """Open and decode a file, and return its (width, height); a DatasetError naming it when
+    it cannot be read (a truncated file included, which its header alone does not show) or,
+    for an ``image``, when the dataset could not map it to 8 bits (``models.imaging.to_8bit``:
+    a floating-point image outside [0, 1], a 32-bit one outside 0..65535)."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            if image:
+                to_8bit(opened, f"image {path}")
+            return opened.size
+    except InputError as error:                 # to_8bit's line names the file and the fix
+        raise DatasetError(str(error)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         reason = (str(error).splitlines() or [""])[0]
         raise DatasetError(f"Cannot read the image file {path} ({type(error).__name__}: "
@@ -281,11 +289,10 @@ def _check_files(listings: Sequence[ClassListing], progress: bool) -> None:
              for path in [*listing.train, *(p for p, _ in listing.test)]]
     for listing, path in tqdm(files, desc="checking images", disable=not progress or None,
                               leave=False):
-        check_readable(path)
+        size = check_readable(path)
         mask = listing.masks.get(path)
         if mask is not None:
-            check_readable(mask)
-            check_mask_size(path, mask)
+            check_mask_size(path, mask, size, check_readable(mask, image=False))
 
 
 def _draw_train(listing: ClassListing, n_train: int, seed: int) -> List[Path]:

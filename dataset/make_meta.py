@@ -82,9 +82,12 @@ def _image_size(path: Path) -> Tuple[int, int]:
                            f"re-run the conversion, or replace the file.") from error
 
 
-def check_mask_size(image: Path, mask: Path) -> None:
-    """A mask must have the size of its image: a clear error naming both files otherwise."""
-    image_size, mask_size = _image_size(image), _image_size(mask)
+def check_mask_size(image: Path, mask: Path, image_size: Optional[Tuple[int, int]] = None,
+                    mask_size: Optional[Tuple[int, int]] = None) -> None:
+    """A mask must have the size of its image (sizes read from the headers unless given):
+    a clear error naming both files otherwise."""
+    image_size = image_size or _image_size(image)
+    mask_size = mask_size or _image_size(mask)
     if image_size != mask_size:
         raise DatasetError(f"Mask {mask} is {mask_size[0]} x {mask_size[1]} pixels but its image "
                            f"{image} is {image_size[0]} x {image_size[1]} (width x height): "

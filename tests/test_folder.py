@@ -397,6 +397,13 @@ def _truncated_mask(root):
     return f"Cannot read the image file {mask} ("
 
 
+def _float_image_out_of_range(root):
+    path = root / "good" / "002.tif"
+    Image.fromarray(np.full((32, 32), 5.0, np.float32)).save(path)     # mode F, intensity 5
+    (root / "good" / "002.png").unlink()
+    return f"image {path} holds floating-point values"
+
+
 def _loose_image(root):
     shutil.copy(root / "good" / "000.png", root / "stray.png")
     return f"Image {root / 'stray.png'} lies directly in {root}"
@@ -413,7 +420,8 @@ BAD = {"missing mask": _missing_mask, "mask without image": _orphan_mask,
        "mask of an unknown type": _mask_of_other_type, "mask size": _mask_size,
        "one stem": _one_stem, "two masks": _two_masks, "garbage": _garbage_image,
        "truncated png": _truncated_png, "truncated jpeg": _truncated_jpeg,
-       "truncated mask": _truncated_mask, "loose image": _loose_image,
+       "truncated mask": _truncated_mask, "float out of range": _float_image_out_of_range,
+       "loose image": _loose_image,
        "good as a type": _good_as_anomaly_type}
 
 
