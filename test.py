@@ -188,8 +188,7 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced
     set_seed(seeds[0])
     sampler = (ClassShards([s["cls_name"] for s in dataset.samples], distributed.rank(), world)
                if world > 1 else None)
-    workers = args.num_workers if args.num_workers is not None else default_workers(
-        int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    workers = args.num_workers if args.num_workers is not None else default_workers()
     loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False,
                          num_workers=workers, seed=seeds[0], sampler=sampler)
     vis_dir = None if args.no_vis else os.path.join(args.save_path, "imgs")

@@ -154,3 +154,20 @@ def test_test_sh_gpus_runs_each_dataset_on_that_many_processes(tiny_files, tmp_p
     two = json.loads((out / "BTAD" / "results_BTAD.json").read_text())
     one = json.loads((tmp_path / "one" / "results_BTAD.json").read_text())
     assert two["classes"] == one["classes"] and two["settings"]["processes"] == 2
+
+
+def test_default_workers_share_the_cpus_among_the_ranks_of_a_machine(monkeypatch):
+    """test.py's and train.py's default alike: torchrun's LOCAL_WORLD_SIZE (else WORLD_SIZE)
+    processes share the CPUs this process may use."""
+    from utils import cli
+    from utils.training import TrainConfig
+
+    monkeypatch.setattr(cli, "available_cpus", lambda: 16)
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.default_workers() == TrainConfig().num_workers == 16
+    monkeypatch.setenv("WORLD_SIZE", "8")                  # two machines of 4 ranks each
+    assert cli.default_workers() == TrainConfig().num_workers == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cli.default_workers() == TrainConfig().num_workers == 4
+    assert cli.default_workers(3) == 5

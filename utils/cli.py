@@ -31,9 +31,12 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def default_workers(processes: int = 1) -> int:
+def default_workers(processes: int | None = None) -> int:
     """DataLoader workers by default: one per available CPU (:func:`available_cpus`), shared
-    by the ``processes`` of this machine (torchrun's ranks)."""
+    by the ``processes`` of this machine (default: torchrun's ranks on it, LOCAL_WORLD_SIZE,
+    else WORLD_SIZE, else 1)."""
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     return max(1, available_cpus() // max(1, processes))
 
 
