@@ -387,7 +387,15 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         if not self._has_mask(sample):
             return None
-        return binary_mask(read_mask(self._mask_file(sample)))
+        return binary_mask(self._read_mask(self._mask_file(sample)))
+
+    @staticmethod
+    def _read_mask(path: str) -> Image.Image:
+        """A mask file as opened; an unreadable one is a DatasetError, as an image is."""
+        try:
+            return read_mask(path)
+        except ImageReadError as error:
+            raise DatasetError(str(error)) from None
 
     def read_sample(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         """The image of sample ``index`` as opened, and its full-size {0, 255} mask (None for
@@ -398,10 +406,7 @@ class AnomalyDataset(Dataset):
         if not self._has_mask(sample):
             return image, None
         path = self._mask_file(sample)
-        try:
-            mask = read_mask(path)
-        except ImageReadError as error:
-            raise DatasetError(str(error)) from None
+        mask = self._read_mask(path)
         if mask.size != image.size:
             raise DatasetError(
                 f"Mask {path} is {mask.size[0]} x {mask.size[1]} but its image "

@@ -198,6 +198,14 @@ def test_unreadable_image_missing_mask_and_empty_class(tmp_path):
     item = AnomalyDataset(str(tmp_path), "bad", image_size=16, classification_only=True)[1]
     assert item["label"] == 1 and item["mask"].sum() == 0
 
+    # an unreadable mask is the same DatasetError read with its image or alone (validation)
+    (tmp_path / "torn.png").write_bytes(b"not a mask either")
+    _write_meta(str(tmp_path), "torn", {"square": [_sample("ok.bmp", "torn.png", anomaly=1)]})
+    dataset = AnomalyDataset(str(tmp_path), "torn", image_size=16)
+    for read in (lambda: dataset[0], lambda: dataset.read_full_mask(0)):
+        with pytest.raises(DatasetError, match="cannot read mask .*torn.png"):
+            read()
+
     _write_meta(str(tmp_path), "empty", {"square": [_sample("ok.bmp", anomaly=0)], "hollow": []})
     with pytest.raises(DatasetError, match="'hollow'"):
         AnomalyDataset(str(tmp_path), "empty")
