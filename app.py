@@ -260,9 +260,10 @@ class Inspector:
         elif len(images) < 2:
             raise InputError("setting the threshold in the few-shot mode needs at least 2 "
                              "readable reference images: each is scored against the others")
-        else:
+        else:                   # the references encoded once, each left out of the bank
+            bank = references_of(detector, images)
             scores = [predict_images(detector, [image], class_name, seed=seed,
-                                     references=images[:k] + images[k + 1:])[0]["score"]
+                                     references=bank.without(k))[0]["score"]
                       for k, image in enumerate(images)]
         return {"method": "calibrated", "value": calibrate_threshold(scores, percentile),
                 "rule": DECISION_RULE,

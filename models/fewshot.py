@@ -55,6 +55,15 @@ class ReferenceBank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tokens)
 
+    def without(self, index: int) -> "ReferenceBank":
+        """The bank of the other K - 1 references (leave one out)."""
+        if self.count < 2 or not 0 <= index < self.count:
+            raise ValueError(f"cannot leave out reference {index} of {self.count}")
+        rows = self.tokens[0].shape[0] // self.count                    # G * G per image
+        keep = tuple(torch.cat([t[:index * rows], t[(index + 1) * rows:]]) for t in self.tokens)
+        paths = self.paths[:index] + self.paths[index + 1:] if self.paths else ()
+        return ReferenceBank(keep, self.count - 1, self.layers, self.image_size, paths)
+
     def check_for(self, layers: Sequence[int], image_size: int) -> None:
         """One SettingsError unless the bank was made from ``layers`` at ``image_size``."""
         if tuple(self.layers) != tuple(layers) or self.image_size != image_size:

@@ -143,6 +143,15 @@ def test_reference_bank_takes_batches_paths_and_images(det, tmp_path):
     for other in (from_arrays, from_pil):
         for a, b in zip(from_paths.tokens, other.tokens):
             torch.testing.assert_close(a, b)
+    # leaving one out gives the bank of the others
+    three = det.reference_bank([*paths, paths[0]])
+    for k, others in enumerate(([paths[1], paths[0]], [paths[0], paths[0]], paths)):
+        left = three.without(k)
+        assert left.count == 2 and left.paths == tuple(others)
+        for a, b in zip(left.tokens, det.reference_bank(others).tokens):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="cannot leave out reference 3 of 3"):
+        three.without(3)
     # encoding in chunks gives the bank of one pass
     one = det.reference_bank(paths, chunk=1)
     for a, b in zip(from_paths.tokens, one.tokens):
