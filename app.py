@@ -41,9 +41,9 @@ from models.imaging import to_pil_image
 from predict import load_detector
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
                        interrupt_on_sigterm, non_negative_float, positive_int)
-from utils.inference import (DECISION_RULE, SCORE_DEFINITION, STD_SCALE, calibrate_threshold,
-                             decide, predict_images, references_of, save_overlay,
-                             write_outputs)
+from utils.inference import (DECISION_RULE, STD_SCALE, calibrate_threshold, decide,
+                             prediction_row, predict_images, predictions_record,
+                             references_of, save_overlay, write_outputs)
 from utils.misc import setup_logging
 from utils.provenance import provenance
 
@@ -221,14 +221,12 @@ class Inspector:
             file_name = f"{k:03d}_{os.path.splitext(name)[0]}.png"
             run.overlays.append(os.path.join(run.folder, "overlays", file_name))
             save_overlay(run.overlays[-1], image, res["anomaly_map"])
-            row = {"path": name, "class_name": class_name, "score": res["score"],
-                   "text_score": res["text_score"], "map_score": res["map_score"],
-                   "overlay": None, "width": image.width, "height": image.height}
             if uncertainty:
                 run.spreads.append(os.path.join(run.folder, "uncertainty", file_name))
                 save_overlay(run.spreads[-1], image, res["anomaly_map_std"], vmax=STD_SCALE)
-                row.update(score_std=res["score_std"], uncertainty_overlay=None)
-            run.rows.append(row)
+            # decided at the slider's threshold later; the overlays are the page's own
+            run.rows.append(prediction_row(name, class_name, image, res, None,
+                                           uncertainty=uncertainty))
         run.settings = {**self.settings, "class_name": class_name, "sample_num": sample_num,
                         "seed": seed, "uncertainty": uncertainty, "few_shot": bool(ref_names),
                         "stage": detector.stage}
@@ -287,15 +285,10 @@ def decided(run: Scored, threshold: float, calibration: dict | None = None
     version of predict.py's files holding them)."""
     chosen = threshold_record(threshold, calibration)
     rows = [{**row, "decision": decide(row["score"], chosen["value"])} for row in run.rows]
-    result = {"status": "complete", "threshold": chosen,
-              "summary": {"n_images": len(rows),
-                          "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
-                          "n_skipped": len(run.skipped), "n_not_scored": 0},
-              "score": SCORE_DEFINITION,
-              "references": {"n_images": len(run.references), "paths": run.references,
-                             "fewshot_weight": run.settings.get("fewshot_weight")}
-              if run.references else None,
-              "settings": run.settings, "predictions": rows, "skipped": run.skipped,
+    references = {"n_images": len(run.references), "paths": run.references,
+                  "fewshot_weight": run.settings.get("fewshot_weight")} if run.references else None
+    result = {**predictions_record("complete", chosen, rows, run.skipped, 0, references,
+                                   run.settings),
               "provenance": run.record}
     run.writes += 1
     folder = os.path.join(run.folder, f"files{run.writes}")

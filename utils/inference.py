@@ -50,7 +50,7 @@ from utils.visualize import heat_overlay, save_rgb
 
 __all__ = ["CSV_COLUMNS", "InputError", "Inputs", "STD_SCALE", "calibrate_threshold", "decide",
            "csv_text", "find_inputs", "find_references", "image_list", "iter_scores", "OnnxDetector",
-           "predict_folder", "predict_images",
+           "predict_folder", "predict_images", "prediction_row", "predictions_record",
            "preprocess", "references_of", "save_overlay", "write_outputs"]
 
 CSV_COLUMNS = ["path", "class_name", "score", "text_score", "map_score", "decision", "overlay",
@@ -374,6 +374,39 @@ def find_references(references: Sequence[str], out: str | None = None) -> list[s
     return found
 
 
+def prediction_row(path: str, class_name: str, image: Image.Image, res: dict,
+                   decision: str | None, overlay: str | None = None, uncertainty: bool = False,
+                   spread: str | None = None) -> dict:
+    """predictions.json's row of one scored image (``uncertainty``: with its score_std and
+    spread overlay)."""
+    row = {"path": path, "class_name": class_name, "score": res["score"],
+           "text_score": res["text_score"], "map_score": res["map_score"],
+           "decision": decision, "overlay": overlay, "width": image.width,
+           "height": image.height}
+    if uncertainty:
+        row.update(score_std=res["score_std"], uncertainty_overlay=spread)
+    return row
+
+
+def predictions_record(status: str, threshold: dict, rows: list[dict], skipped: list[dict],
+                       n_not_scored: int, references: dict | None, settings: dict) -> dict:
+    """What predictions.json holds (before any provenance): the run's status, its threshold
+    record, the counts, the score's definition, the references, the settings, the rows and the
+    skipped files."""
+    return {
+        "status": status,
+        "threshold": threshold,
+        "summary": {"n_images": len(rows),
+                    "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
+                    "n_skipped": len(skipped), "n_not_scored": n_not_scored},
+        "score": SCORE_DEFINITION,
+        "references": references,
+        "settings": settings,
+        "predictions": rows,
+        "skipped": skipped,
+    }
+
+
 def _references_record(detector, bank: ReferenceBank | None) -> dict | None:
     """predictions.json's record of the few-shot references (those baked into an exported
     file too)."""
@@ -440,20 +473,11 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
     log = RowLog(os.path.join(out, "predictions.csv"))
 
     def result() -> dict:
-        return {
-            "status": status,
-            "threshold": chosen,
-            "summary": {"n_images": len(rows),
-                        "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
-                        "n_skipped": len(skipped),
-                        "n_not_scored": len(inputs.items) - len(rows) - len(skipped)},
-            "score": SCORE_DEFINITION,
-            "references": _references_record(detector, bank),
-            "settings": {**(settings or {}), "stage": detector.stage},
-            "predictions": rows,
-            "skipped": skipped,
-            **(extra() if extra else {}),
-        }
+        return {**predictions_record(status, chosen, rows, skipped,
+                                     len(inputs.items) - len(rows) - len(skipped),
+                                     _references_record(detector, bank),
+                                     {**(settings or {}), "stage": detector.stage}),
+                **(extra() if extra else {})}
 
     try:
         for item, image, res in _scored(detector, inputs.items, batch_size, "predict",
@@ -466,12 +490,9 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
                 if uncertainty:
                     spread = os.path.join(out, "uncertainty", names[item])
                     save_overlay(spread, image, res["anomaly_map_std"], vmax=STD_SCALE)
-            row = {"path": item.path, "class_name": item.class_name, "score": res["score"],
-                   "text_score": res["text_score"], "map_score": res["map_score"],
-                   "decision": decide(res["score"], chosen["value"]),
-                   "overlay": overlay, "width": image.width, "height": image.height}
-            if uncertainty:
-                row.update(score_std=res["score_std"], uncertainty_overlay=spread)
+            row = prediction_row(item.path, item.class_name, image, res,
+                                 decide(res["score"], chosen["value"]), overlay, uncertainty,
+                                 spread)
             rows.append(row)
             log.add(row)
         status = "complete"
