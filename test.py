@@ -35,7 +35,7 @@ from utils.cli import (WORKERS_HELP, Parser, add_model_arguments, add_runtime_ar
                        default_workers, interrupt_on_sigterm, model_request, non_negative_float,
                        positive_int)
 from utils.distributed_eval import ClassShards, agree
-from utils.evaluate import evaluate_runs, reference_banks
+from utils.evaluate import evaluate_runs, reference_banks, run_label
 from utils.provenance import class_counts, data_record, provenance
 from utils.results import OutputError, make_output_folder, over_seeds, write_results
 from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
@@ -99,11 +99,11 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     interrupt_on_sigterm()
-    logger = setup_logging(None)          # the console only, until every input is checked
     info = distributed.env_info()         # torchrun: one process per rank
-    if info.enabled and info.rank != 0:   # rank 0 tells the run; the others their warnings
-        for name in ("bayes_pfl", "models", "dataset", "utils"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    # the console only, until every input is checked; rank 0 tells the run, the others only
+    # their warnings
+    logger = setup_logging(None, logging.WARNING if info.enabled and info.rank != 0
+                           else logging.INFO)
     held = ExitStack()
     try:
         error = None
@@ -213,16 +213,12 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced
                   pending=[c for c in dataset.class_names if c not in next(iter(runs.values()))])
 
     banks = None if drawn is None else reference_banks(detector, dataset, drawn)
-    try:
-        evaluate_runs(detector, loader, args.dataset, seeds, pro=args.pro, vis_dir=vis_dir,
-                      progress=not args.no_progress and main, logger=logger, on_class=save,
-                      save_uncertainty=args.save_uncertainty, references=banks,
-                      shot_seeds=shot_seeds if drawn is not None else None)
-    except BaseException:
-        if main and runs and len(next(iter(runs.values()))) == len(dataset.class_names):
-            # every class's results are in (a picture failed): they are complete
-            write_all(args, runs, settings, {**extra, "provenance": record()}, pending=[])
-        raise
+    # the last class's save() writes the complete files before its pictures: a picture that
+    # fails after it leaves them complete
+    evaluate_runs(detector, loader, args.dataset, seeds, pro=args.pro, vis_dir=vis_dir,
+                  progress=not args.no_progress and main, logger=logger, on_class=save,
+                  save_uncertainty=args.save_uncertainty, references=banks,
+                  shot_seeds=shot_seeds if drawn is not None else None)
     if not main:
         return 0
     tables = write_all(args, runs, settings, {**extra, "provenance": record()}, pending=[])
@@ -236,10 +232,6 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced
                  + f":\n{tables[None]}")
     logger.info("done in %.1f s; results in %s", time.time() - start, args.save_path)
     return 0
-
-
-def run_label(key) -> str:
-    return f"seed {key[0]}, shot seed {key[1]}" if isinstance(key, tuple) else f"seed {key}"
 
 
 def run_name(key, dataset: str) -> str:

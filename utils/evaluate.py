@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Sequence
 
@@ -21,6 +20,7 @@ from utils.distributed import is_main
 from utils.distributed_eval import ClassShards, for_each_class
 from utils.pictures import PictureWriter
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
+from utils.provenance import class_counts
 from utils.results import write_results
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,8 @@ def iterate_classes(detector, loader, progress: bool = True, desc: str = "test",
         yield outputs[seed]
 
 
-def _run_label(key) -> str:
+def run_label(key) -> str:
+    """A run of several: "seed S" or "seed S, shot seed T"."""
     return f"seed {key[0]}, shot seed {key[1]}" if isinstance(key, tuple) else f"seed {key}"
 
 
@@ -270,7 +271,7 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                 k: metrics.get(k) for k in COLUMNS}
             if logger:
                 logger.info("%s%s: %s", outputs.name,
-                            "" if len(by_run) == 1 else f" ({_run_label(key)})", ", ".join(
+                            "" if len(by_run) == 1 else f" ({run_label(key)})", ", ".join(
                                 f"{k} {v:.4f}" for k, v in rows[key].items() if v is not None))
             if first is None:
                 smoothed = metrics.get("smoothed_maps")
@@ -341,7 +342,7 @@ def _class_counts(loader) -> dict[str, int] | None:
     samples = getattr(loader.dataset, "samples", None)
     if samples is None or not isinstance(getattr(loader, "sampler", None), SequentialSampler):
         return None
-    return dict(Counter(sample["cls_name"] for sample in samples))
+    return class_counts(samples)
 
 
 def _run_keys(seeds: Sequence, references, shot_seeds: Sequence[int] | None) -> list | None:
