@@ -31,7 +31,6 @@ is written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -43,8 +42,8 @@ from tqdm import tqdm
 
 from dataset.draws import draw_indices
 from dataset.errors import DatasetError
-from dataset.files import list_dirs, list_files, write_text_atomic
-from dataset.make_meta import check_mask_size, meta_sample
+from dataset.files import list_dirs, list_files
+from dataset.make_meta import check_mask_size, meta_sample, write_meta_file
 from models.errors import InputError, SettingsError
 from models.imaging import to_8bit
 from models.wording import OFFICIAL_WORDING
@@ -409,15 +408,7 @@ def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[st
 def write_folder_meta(root, name: str, meta: Mapping) -> Path:
     """Write ``root/meta_<name>.json`` in one step (an existing one is replaced); returns its
     path."""
-    path = Path(root) / f"meta_{name}.json"
-    if path.is_dir():
-        raise DatasetError(f"{path} is a folder: move it away so the meta file can be written.")
-    try:
-        write_text_atomic(path, json.dumps(meta, indent=4) + "\n")
-    except OSError as error:
-        raise DatasetError(f"Cannot write the meta file {path} ({error.strerror or error}): "
-                           f"make {path.parent} writable, or free some space.") from None
-    return path
+    return write_meta_file(Path(root) / f"meta_{name}.json", meta)
 
 
 def class_summary(listing: ClassListing) -> str:

@@ -24,7 +24,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 if __package__ in (None, "") and importlib.util.find_spec("dataset") is None:   # a bare file
     sys.exit(f"{Path(__file__).stem}: the package 'dataset' cannot be imported: run 'python -m "
@@ -148,10 +148,20 @@ def write_meta(data_root, name: str, meta: Optional[Dict] = None) -> Path:
     name = _dataset_dir(data_root, name).name
     if meta is None:
         meta = make_meta(data_root, name)
-    path = data_root / f"meta_{name}.json"
+    return write_meta_file(data_root / f"meta_{name}.json", meta)
+
+
+def write_meta_file(path: Path, meta: Mapping) -> Path:
+    """Write the meta file ``path`` in one step (an existing one is replaced; an interruption
+    leaves it as it was); returns the path. A folder in the way or a failed write is one
+    DatasetError."""
     if path.is_dir():
         raise DatasetError(f"{path} is a folder: move it away so the meta file can be written.")
-    write_text_atomic(path, json.dumps(meta, indent=4) + "\n")
+    try:
+        write_text_atomic(path, json.dumps(meta, indent=4) + "\n")
+    except OSError as error:
+        raise DatasetError(f"Cannot write the meta file {path} ({error.strerror or error}): "
+                           f"make {path.parent} writable, or free some space.") from None
     return path
 
 

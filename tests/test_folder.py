@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import dataset.folder as folder_module
+import dataset.make_meta as make_meta_module
 from dataset.data import AnomalyDataset
 from dataset.folder import folder_meta, main
 from dataset.synthetic import generate_raw
@@ -563,7 +564,7 @@ def test_write_and_read_failures_are_one_line(raw, tmp_path, capsys, monkeypatch
     def full(path, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(folder_module, "write_text_atomic", full)
+    monkeypatch.setattr(make_meta_module, "write_text_atomic", full)       # the one meta writer
     code, _, err = run(capsys, root, "--dataset", "part")
     assert code == 1 and err == [f"dataset.folder: Cannot write the meta file "
                                  f"{root / 'meta_part.json'} (No space left on device): make "
