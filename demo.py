@@ -44,7 +44,7 @@ from models.errors import SettingsError, UserError
 from models.random_clip import make_clip_state_dict
 from utils.evaluate import evaluate_runs, reference_banks
 from utils.provenance import data_record, provenance
-from utils.results import make_output_folder, over_seeds, write_results, write_text
+from utils.results import make_output_folder, write_runs, write_text
 from utils.cli import Parser, fail
 from utils.misc import set_seed, setup_logging
 from utils.training import TrainConfig, train
@@ -181,16 +181,11 @@ def run(args: argparse.Namespace, out: str) -> int:
     settings = {"demo": vars(args), "stage": result.final_stage, "seeds": seeds}
     record = provenance(settings, clip_path, data=[data_record(data, "demo_eval")],
                         device=args.device, started=start)
-    for seed in seeds:
-        write_results(runs[seed], results, "demo_eval", {**settings, "seed": seed},
-                      name=f"seed{seed}_results_demo_eval", extra={"provenance": record})
-    summary = over_seeds(runs)
-    table, mean = write_results(summary["classes"], results, "demo_eval", settings,
-                                summary["std"], summary["mean"], summary["mean_std"],
-                                extra={"seeds": seeds, "provenance": record})
+    tables, mean, mean_std = write_runs(runs, results, "demo_eval", settings,
+                                        {"provenance": record})
     print("\nZero-shot results on categories never seen in training (random-weight CLIP; "
           f"values in %, mean ± std over the sampling seeds {' '.join(map(str, seeds))}):")
-    print(table)
+    print(tables[None])
 
     logger.info("5/5 %d-shot evaluation on the same categories: %d good train images of each "
                 "as references, shot seeds %s", K_SHOT, K_SHOT, SHOT_SEEDS)
@@ -203,26 +198,17 @@ def run(args: argparse.Namespace, out: str) -> int:
                      "shot_seeds": SHOT_SEEDS}
     references = {"k_shot": K_SHOT, "from": "the train split",
                   "paths": {str(shot): per_class for shot, per_class in drawn.items()}}
-    for seed, shot in shot_runs:
-        write_results(shot_runs[(seed, shot)], shot_dir, "demo_eval",
-                      {**shot_settings, "shot_seed": shot},
-                      name=f"seed{seed}_shot{shot}_results_demo_eval",
-                      extra={"provenance": record, "references": references})
-    shot_summary = over_seeds(shot_runs)
-    shot_table, shot_mean = write_results(
-        shot_summary["classes"], shot_dir, "demo_eval", shot_settings, shot_summary["std"],
-        shot_summary["mean"], shot_summary["mean_std"],
-        extra={"seeds": [args.seed], "shot_seeds": SHOT_SEEDS, "references": references,
-               "provenance": record})
+    shot_tables, shot_mean, shot_std = write_runs(
+        shot_runs, shot_dir, "demo_eval", shot_settings,
+        {"shot_seeds": SHOT_SEEDS, "references": references, "provenance": record})
     print(f"\n{K_SHOT}-shot results on the same categories ({K_SHOT} good train images of each "
           f"as references; mean ± std over the shot seeds {' '.join(map(str, SHOT_SEEDS))}):")
-    print(shot_table)
+    print(shot_tables[None])
     print("\nMean rows, zero-shot and few-shot:")
-    print(side_by_side({"zero-shot": (mean, summary["mean_std"]),
-                        f"{K_SHOT}-shot": (shot_mean, shot_summary["mean_std"])}))
+    print(side_by_side({"zero-shot": (mean, mean_std), f"{K_SHOT}-shot": (shot_mean, shot_std)}))
     print(f"\nunseen-category pixel AUROC {100 * mean['auroc_px']:.1f} ± "
-          f"{100 * summary['mean_std']['auroc_px']:.1f} zero-shot, "
-          f"{100 * shot_mean['auroc_px']:.1f} ± {100 * shot_summary['mean_std']['auroc_px']:.1f} "
+          f"{100 * mean_std.get('auroc_px', 0.0):.1f} zero-shot, "
+          f"{100 * shot_mean['auroc_px']:.1f} ± {100 * shot_std.get('auroc_px', 0.0):.1f} "
           f"{K_SHOT}-shot (chance: 50.0); results, pictures and logs in {out}; "
           f"{time.time() - start:.0f} s")
     return 0

@@ -37,7 +37,7 @@ from utils.cli import (WORKERS_HELP, Parser, add_model_arguments, add_runtime_ar
 from utils.distributed_eval import ClassShards, agree
 from utils.evaluate import evaluate_runs, reference_banks, run_label
 from utils.provenance import class_counts, data_record, provenance
-from utils.results import OutputError, make_output_folder, over_seeds, write_results
+from utils.results import OutputError, make_output_folder, run_name, write_runs
 from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
 
 LOCK_FILE = ".test.lock"
@@ -234,12 +234,6 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced
     return 0
 
 
-def run_name(key, dataset: str) -> str:
-    if isinstance(key, tuple):
-        return f"seed{key[0]}_shot{key[1]}_results_{dataset}"
-    return f"seed{key}_results_{dataset}"
-
-
 def clear_previous_outputs(save_path: str, dataset: str, classes) -> list[str]:
     """Remove what an earlier test.py run of ``dataset`` wrote into ``save_path`` (its result
     files, complete or incomplete, its log, and the pictures of ``classes``, the classes
@@ -265,32 +259,12 @@ def write_all(args, runs: dict, settings: dict, extra: dict, pending: list[str])
     shot seed) pairs) beside each run's own files. While classes are ``pending`` the files are
     ``...<INCOMPLETE>.csv/json`` (status "incomplete", the classes still to come listed); the
     complete files replace them. Returns the tables: {None: the main one, run: each}."""
-    keys = list(runs)
     suffix = INCOMPLETE if pending else ""
     status = {"status": "incomplete" if pending else "complete", "classes_pending": pending}
-    names = [f"results_{args.dataset}"] + ([run_name(k, args.dataset) for k in keys]
-                                           if len(keys) > 1 else [])
-    if len(keys) == 1:
-        table, _ = write_results(runs[keys[0]], args.save_path, args.dataset, settings,
-                                 name=names[0] + suffix,
-                                 extra={"seeds": settings["seeds"], **extra, **status})
-        tables = {None: table}
-    else:
-        tables = {}
-        for key in keys:
-            seed, shot = key if isinstance(key, tuple) else (key, None)
-            tables[key], _ = write_results(
-                runs[key], args.save_path, args.dataset,
-                {**settings, "seed": seed, **({} if shot is None else {"shot_seed": shot})},
-                name=run_name(key, args.dataset) + suffix,
-                extra={"seeds": [seed], **extra, **status})
-        summary = over_seeds(runs)
-        tables[None], _ = write_results(summary["classes"], args.save_path, args.dataset,
-                                        settings, summary["std"], summary["mean"],
-                                        summary["mean_std"], name=names[0] + suffix,
-                                        extra={"seeds": settings["seeds"],
-                                               "runs": [list(k) if isinstance(k, tuple) else k
-                                                        for k in keys], **extra, **status})
+    tables, _, _ = write_runs(runs, args.save_path, args.dataset, settings, {**extra, **status},
+                              suffix)
+    names = [f"results_{args.dataset}"] + ([run_name(k, args.dataset) for k in runs]
+                                           if len(runs) > 1 else [])
     if not pending:                   # complete: the incomplete files are gone
         for name in names:
             for ext in (".csv", ".json"):

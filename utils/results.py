@@ -68,6 +68,43 @@ def over_seeds(runs: dict) -> dict:
     return {"classes": classes, "std": spreads, "mean": mean_row, "mean_std": mean_spread}
 
 
+def run_name(key, dataset: str) -> str:
+    """The files of one run of several: seed<S>_results_<dataset>, or
+    seed<S>_shot<T>_results_<dataset> for a (seed, shot seed) run."""
+    if isinstance(key, tuple):
+        return f"seed{key[0]}_shot{key[1]}_results_{dataset}"
+    return f"seed{key}_results_{dataset}"
+
+
+def write_runs(runs: dict, save_path: str, dataset: str, settings: dict, extra: dict,
+               suffix: str = "") -> tuple[dict, dict, dict]:
+    """``results_<dataset><suffix>``: the single run of ``runs`` ({seed or (seed, shot seed):
+    {class: row}}), or mean ± std over the runs beside each run's own files
+    (:func:`run_name`). ``settings`` holds "seeds"; ``extra`` goes into every JSON. Returns
+    ({None: the main table, run: each run's}, the main mean row, its std over the runs ({}
+    for one run))."""
+    keys = list(runs)
+    main = f"results_{dataset}{suffix}"
+    if len(keys) == 1:
+        table, mean = write_results(runs[keys[0]], save_path, dataset, settings, name=main,
+                                    extra={"seeds": settings["seeds"], **extra})
+        return {None: table}, mean, {}
+    tables = {}
+    for key in keys:
+        seed, shot = key if isinstance(key, tuple) else (key, None)
+        tables[key], _ = write_results(
+            runs[key], save_path, dataset,
+            {**settings, "seed": seed, **({} if shot is None else {"shot_seed": shot})},
+            name=run_name(key, dataset) + suffix, extra={"seeds": [seed], **extra})
+    summary = over_seeds(runs)
+    tables[None], mean = write_results(
+        summary["classes"], save_path, dataset, settings, summary["std"], summary["mean"],
+        summary["mean_std"], name=main,
+        extra={"seeds": settings["seeds"],
+               "runs": [list(k) if isinstance(k, tuple) else k for k in keys], **extra})
+    return tables, mean, summary["mean_std"]
+
+
 def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
                   settings: dict | None = None, spreads: dict | None = None,
                   mean_row: dict | None = None, mean_spread: dict | None = None,
