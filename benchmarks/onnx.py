@@ -30,7 +30,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import add_common_flags, build_models, check_args, machine_line
+from benchmarks.common import Timer, add_common_flags, build_models, check_args, machine_line
 from models.detector import AnomalyDetector
 from models.noise import shared_noise
 from utils.export import trace_detector, write_onnx
@@ -48,17 +48,17 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def timed(call, iters: int, warmup: int) -> tuple[float, object]:
-    """(median seconds of ``call()`` over ``iters`` runs after ``warmup``, its last result)."""
+def timed(call, iters: int, warmup: int, device: torch.device) -> tuple[float, object]:
+    """(median seconds of ``call()`` over ``iters`` runs after ``warmup``, CUDA synchronised
+    (benchmarks.common.Timer), its last result)."""
     out = None
     for _ in range(warmup):
         out = call()
-    times = []
+    timer = Timer(device)
     for _ in range(iters):
-        start = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], out
+        with timer("call"):
+            out = call()
+    return timer.median("call"), out
 
 
 def differences(got: dict, want: dict) -> tuple[float, float]:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     result: dict = {"rows": rows}
 
     seconds, want = timed(lambda: det.predict(images.to(device), name, noise), args.iters,
-                          args.warmup)
+                          args.warmup, device)
     rows.append(["PyTorch", None, seconds / b, 0.0, 0.0])
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bayes_pfl_onnx_")
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                   "int8": "ONNX Runtime, dynamic int8"}
         for kind, path in paths.items():
             onnx_det = OnnxDetector(path, providers, options)
-            seconds, got = timed(lambda: onnx_det.predict(images), args.iters, args.warmup)
+            seconds, got = timed(lambda: onnx_det.predict(images), args.iters, args.warmup,
+                                 device)
             rows.append([labels[kind], file_bytes(path) / 1e6, seconds / b,
                          *differences(got, want)])
             del onnx_det
