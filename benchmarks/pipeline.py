@@ -35,7 +35,7 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 from tabulate import tabulate
 
-from benchmarks.common import TINY, machine_line
+from benchmarks.common import TINY, machine_line, synchronize
 from dataset.data import AnomalyDataset, make_loader
 from dataset.synthetic import write_standard
 from dataset.synthetic_scenes import CATEGORIES
@@ -109,14 +109,12 @@ class Clocks:
 
     @contextmanager
     def part(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
 
