@@ -44,7 +44,7 @@ from models.detector import AnomalyDetector
 from models.random_clip import make_clip_state_dict
 from models.weights import build_clip
 from utils import evaluate
-from utils.cli import Parser, available_cpus, positive_int
+from utils.cli import Parser, positive_int
 from utils.pictures import PictureWriter, class_jobs, default_picture_workers, draw
 from utils.visualize import save_rgb
 

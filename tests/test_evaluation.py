@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.scripts import ROOT, load_script
+import test as test_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def _args(tiny_files, data_root, out, *extra):
 
 def test_end_to_end_outputs_agree_and_batch_size_does_not_matter(tiny_files, data_root, tmp_path,
                                                                   capsys):
-    cli = load_script("test")
+    cli = test_script
     assert cli.main(_args(tiny_files, data_root, tmp_path / "b1", "--batch_size", "1")) == 0
     table = capsys.readouterr().out
     assert cli.main(_args(tiny_files, data_root, tmp_path / "b4", "--batch_size", "4",
@@ -70,7 +72,7 @@ def test_end_to_end_outputs_agree_and_batch_size_does_not_matter(tiny_files, dat
 
 
 def test_official_pro_and_stage_from_name(tiny_files, data_root, tmp_path):
-    cli = load_script("test")
+    cli = test_script
     clip_path, ckpt = tiny_files
     stage1 = tmp_path / "epoch_post_3_1.pth"
     stage1.write_bytes(open(ckpt, "rb").read())
@@ -91,7 +93,7 @@ def test_missing_weights_and_data_are_one_line_errors(tiny_files, data_root, tmp
     assert r.returncode == 1
     assert "ViT-L-14-336px.pt" in r.stderr and "download" in r.stderr
     assert "Traceback" not in r.stderr
-    cli = load_script("test")
+    cli = test_script
     assert cli.main(_args(tiny_files, str(tmp_path / "nowhere"), tmp_path / "y")) == 1
 
 

@@ -13,13 +13,14 @@ import pytest
 from PIL import Image
 
 import dataset.folder as folder_module
+import test as test_script
+import train as train_script
 import dataset.make_meta as make_meta_module
 from dataset.data import AnomalyDataset
 from dataset.folder import folder_meta, main
 from dataset.synthetic import generate_raw
 from models.errors import SettingsError
 from tests.clip_factory import TINY_LAYERS
-from tests.scripts import load_script
 from utils.training import TrainConfig, train
 
 CLASSES = ("pill", "wood")
@@ -510,7 +511,7 @@ def test_test_py_runs_on_a_folder(raw, tmp_path, tiny_files, capsys, masks):
     assert run(capsys, root, "--dataset", "mine")[0] == 0
     clip_path, ckpt = tiny_files
     out = tmp_path / "results"
-    assert load_script("test").main([
+    assert test_script.main([
         "--dataset", "mine", "--data_path", str(root), "--pretrained_path", clip_path,
         "--checkpoint_path", ckpt, "--image_size", "32", "--features_list",
         *map(str, TINY_LAYERS), "--sample_num", "2", "--save_path", str(out), "--no_vis",
@@ -534,7 +535,7 @@ def test_train_py_uses_a_folder_as_auxiliary_data(raw, tmp_path, tiny_files, cap
               "--pretrained_path", clip_path, "--image_size", "32", "--features_list",
               *map(str, TINY_LAYERS), "--batch_size", "4", "--val_batch_size", "4",
               "--sample_num", "2", "--num_workers", "0", "--device", "cpu", "--no_verify"]
-    cli = load_script("train")
+    cli = train_script
     # an unknown dataset has no official validation set: one line saying what to pass
     assert cli.main([*common, "--epochs", "1", "--save_path", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

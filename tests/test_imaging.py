@@ -16,7 +16,6 @@ from PIL import Image
 import predict
 from dataset.data import AnomalyDataset
 from dataset.folder import main as folder_main
-from models import AnomalyDetector
 from models.errors import InputError
 from models.imaging import (array_to_8bit, preprocess, preprocess_image, read_image,
                             to_8bit, to_pil_image)

@@ -608,7 +608,6 @@ def test_the_api_refuses_a_long_class_name_before_any_work(tiny, monkeypatch):
 
 
 def test_scripts_refuse_a_long_class_name_before_writing(tiny_files, tmp_path):
-    import predict
     import test as test_script
 
     long_folder = "qz" * 60                       # a folder name of 120 tokens
