@@ -39,8 +39,9 @@ from models import AnomalyDetector
 from models.errors import InputError, SettingsError, UserError, WeightsError
 from models.imaging import to_pil_image
 from predict import load_detector
-from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, fail,
-                       interrupt_on_sigterm, non_negative_float, positive_int)
+from utils.cli import (DEFAULT_CHECKPOINT, DEFAULT_CLIP, Parser, add_model_arguments,
+                       add_runtime_arguments, fail, interrupt_on_sigterm, non_negative_float,
+                       positive_int)
 from utils.inference import (DECISION_RULE, STD_SCALE, calibrate_threshold, decide,
                              prediction_row, predict_images, predictions_record,
                              references_of, save_overlay, write_outputs)
@@ -53,8 +54,6 @@ log = logging.getLogger("bayes_pfl")
 # records the demo's model settings, 224 px and layers 3 6 9 12, which the loader reads).
 DEMO_CLIP = os.path.join("demo_output", "clip_random.pt")
 DEMO_CHECKPOINT = os.path.join("demo_output", "train", "best.pth")
-DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"          # predict.py's defaults
-DEFAULT_CHECKPOINT = "./bayes_weight/train_visa.pth"
 # Set before Gradio (and huggingface_hub) are imported: no analytics and no version check
 # (both api.gradio.app), no Hugging Face telemetry or hub calls. The launch turns off the
 # rest: the share tunnel, server-side rendering (a Node server), the run history (which can

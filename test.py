@@ -31,9 +31,9 @@ from dataset.shots import draw_references
 from models import AnomalyDetector
 from models.errors import UserError
 from utils import distributed
-from utils.cli import (WORKERS_HELP, Parser, add_model_arguments, add_runtime_arguments,
-                       default_workers, interrupt_on_sigterm, model_request, non_negative_float,
-                       positive_int)
+from utils.cli import (DEFAULT_CHECKPOINT, DEFAULT_CLIP, WORKERS_HELP, Parser,
+                       add_model_arguments, add_runtime_arguments, default_workers,
+                       interrupt_on_sigterm, model_request, non_negative_float, positive_int)
 from utils.distributed_eval import ClassShards, agree
 from utils.evaluate import evaluate_runs, reference_banks, run_label
 from utils.provenance import class_counts, data_record, provenance
@@ -52,11 +52,11 @@ def get_parser() -> argparse.ArgumentParser:
                    "under --data_path (mvtec, visa, BTAD, KSDD2, RSDD, DAGM, DTD, HeadCT, "
                    "BrainMRI, Br35H, ISIC, ClinicDB, ColonDB, Kvasir, Endo, ...)")
     p.add_argument("--data_path", default="./dataset/mvisa/data", help="data root")
-    p.add_argument("--checkpoint_path", default="./bayes_weight/train_visa.pth",
+    p.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT,
                    help="Bayes-PFL checkpoint; its stage is the one it records, else the "
                         "file name's (epoch_post_{e}_{stage}.pth), else 2")
     p.add_argument("--save_path", default="./results/mvtec", help="output folder")
-    p.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
+    p.add_argument("--pretrained_path", default=DEFAULT_CLIP,
                    help="OpenAI CLIP weights")
     add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")

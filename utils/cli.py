@@ -95,12 +95,17 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+# The official weight files (pretrained_weight/ and bayes_weight/ of the repository)
+DEFAULT_CLIP = "./pretrained_weight/ViT-L-14-336px.pt"
+DEFAULT_CHECKPOINT = "./bayes_weight/train_visa.pth"
+
+
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     """--pretrained_path and --checkpoint_path with the official defaults (the files of
     pretrained_weight/ and bayes_weight/)."""
-    parser.add_argument("--pretrained_path", default="./pretrained_weight/ViT-L-14-336px.pt",
+    parser.add_argument("--pretrained_path", default=DEFAULT_CLIP,
                         help="OpenAI CLIP weights")
-    parser.add_argument("--checkpoint_path", default="./bayes_weight/train_visa.pth",
+    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT,
                         help="Bayes-PFL checkpoint; its stage is the one it records, else the "
                              "file name's (epoch_post_{e}_{stage}.pth), else 2")
 

@@ -91,11 +91,6 @@ def image_list(images, what: str = "images") -> list:
     return list(images)
 
 
-def _class_names(class_name, count: int) -> list[str]:
-    """One non-empty class name per image (one for all repeated), else one InputError."""
-    return AnomalyDetector.class_names_of(class_name, count)
-
-
 def references_of(detector, references, exif_transpose: bool = True) -> ReferenceBank | None:
     """``references`` as a bank of ``detector``: a ReferenceBank as it is, None as None, else
     good images (paths, PIL images, arrays; one or a list) read by range and encoded (the
@@ -136,7 +131,7 @@ def predict_images(detector, images, class_name: str | Sequence[str],
     their EXIF orientation (as image viewers show them; the official code ignores it); files
     without one read the same either way."""
     images = image_list(images)
-    names = _class_names(class_name, len(images))
+    names = AnomalyDetector.class_names_of(class_name, len(images))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
     bank = references_of(detector, references, exif_transpose)
@@ -256,10 +251,8 @@ def csv_text(rows: Sequence[dict], skipped: Sequence[dict] = ()) -> str:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    for row in rows:
+    for row in (*rows, *skipped):                    # a skipped file: decision 'skipped'
         writer.writerow(_csv_row(row))
-    for row in skipped:
-        writer.writerow(_csv_row({**row, "decision": "skipped"}))
     return text.getvalue()
 
 
@@ -280,21 +273,21 @@ class RowLog:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            self._file = open(path, "w", encoding="utf-8", newline="")
-        except OSError as error:
-            raise OutputError(f"cannot write {path} ({error.strerror or error}): free some space "
-                              f"or choose another --out") from None
+        self._file = self._io(open, path, "w", encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
         self._write(self._writer.writeheader)
 
-    def _write(self, action, *args) -> None:
+    def _io(self, action, *args, **kwargs):
+        """``action(...)``; a failed write is one OutputError naming the file."""
         try:
-            action(*args)
-            self._file.flush()
+            return action(*args, **kwargs)
         except OSError as error:
             raise OutputError(f"cannot write {self.path} ({error.strerror or error}): free "
                               f"some space or choose another --out") from None
+
+    def _write(self, action, *args) -> None:
+        self._io(action, *args)
+        self._io(self._file.flush)
 
     def add(self, row: dict) -> None:
         self._write(self._writer.writerow, _csv_row(row))
@@ -335,13 +328,18 @@ class Inputs:
     unmatched: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _own_pictures(out: str | None) -> list[str]:
+    """The picture folders predict.py writes under ``out``: never read as inputs."""
+    return [os.path.join(out, folder) for folder in ("overlays", "uncertainty")] if out else []
+
+
 def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str | None = None,
                 calibrate: str | None = None) -> Inputs:
     """The images named by ``inputs`` (files, folders, glob patterns; the overlays written
     under ``out`` left out, so that ``out`` may lie inside an input folder), grouped class by
     class; ``class_name`` None: each image's folder name. Raises InputError when nothing is
     found (in the inputs or the calibration folder)."""
-    exclude = [os.path.join(out, folder) for folder in ("overlays", "uncertainty")] if out else []
+    exclude = _own_pictures(out)
     unmatched: list[str] = []
     items = group_by_class(collect_images(inputs, class_name, exclude,
                                           on_unmatched=unmatched.append))
@@ -362,7 +360,7 @@ def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str |
 def find_references(references: Sequence[str], out: str | None = None) -> list[str]:
     """The image files named by ``references`` (files, folders, globs, as ``--input``); an
     InputError when they name none."""
-    exclude = [os.path.join(out, folder) for folder in ("overlays", "uncertainty")] if out else []
+    exclude = _own_pictures(out)
     unmatched: list[str] = []
     found = [item.path for item in collect_images(references, "reference", exclude,
                                                   on_unmatched=unmatched.append)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import UserError
-from utils.cli import default_workers
+from utils.cli import DEFAULT_CLIP, default_workers
 from models.spec import OFFICIAL_LAYERS, ModelSpec, check_layers
 
 ADAM_BETAS = (0.5, 0.999)
@@ -35,7 +35,7 @@ class TrainConfig:
     train_data_path: str = "./dataset/mvisa/data"
     val_data_path: str = "./dataset/mvisa/data"
     save_path: str = "./my_exps/train_visa"
-    pretrained_path: str = "./pretrained_weight/ViT-L-14-336px.pt"
+    pretrained_path: str = DEFAULT_CLIP
     prompt_context_len: int = 5
     prompt_num: int = 3
     prompt_state_len: int = 5
