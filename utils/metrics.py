@@ -330,10 +330,15 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     count_hi = np.r_[flat_hi, sharp_hi]  # ... and down to its lowest score
     pro_lo = np.r_[flat_pro, sharp_pro_lo]
     pro_hi = np.r_[flat_pro, sharp_pro_hi]
-    fpr_lo, fpr_hi = count_lo / num_bg, count_hi / num_bg
+    return _area_to_limit(count_lo / num_bg, count_hi / num_bg, pro_lo, pro_hi, fpr_limit)
+
+
+def _area_to_limit(fpr_lo, fpr_hi, pro_lo, pro_hi, fpr_limit: float) -> float:
+    """The trapezoidal area of the PRO curve's segments, (fpr_lo, pro_lo) to (fpr_hi,
+    pro_hi), up to ``fpr_limit`` (the segment holding it cut by linear interpolation), divided
+    by the limit."""
     full = fpr_hi < fpr_limit
-    width = np.subtract(fpr_hi, fpr_lo, out=count_hi.astype(np.float64))
-    area = float(np.dot(width * full, pro_hi + pro_lo)) / 2.0
+    area = float(np.dot((fpr_hi - fpr_lo) * full, pro_hi + pro_lo)) / 2.0
     (cut,) = np.flatnonzero((fpr_lo < fpr_limit) & ~full)  # the segment holding the limit
     x0, x1, y0, y1 = fpr_lo[cut], fpr_hi[cut], pro_lo[cut], pro_hi[cut]
     y_cut = y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0)
@@ -414,15 +419,8 @@ def aupro_sorted(rs: RegionScores, fpr_limit: float = 0.3) -> float:
                             minlength=values.size + 1)          # [D + 1]
         return np.cumsum(added[:0:-1])[::-1]                    # sum of added[j + 1:]
 
-    pro_hi, pro_lo = pro_at("right"), pro_at("left")
-    fpr_lo, fpr_hi = above_lo / num_bg, above_hi / num_bg
-    full = fpr_hi < fpr_limit
-    area = float(np.dot((fpr_hi - fpr_lo) * full, pro_hi + pro_lo)) / 2.0
-    (cut,) = np.flatnonzero((fpr_lo < fpr_limit) & ~full)     # the segment holding the limit
-    x0, x1, y0, y1 = fpr_lo[cut], fpr_hi[cut], pro_lo[cut], pro_hi[cut]
-    y_cut = y0 + (fpr_limit - x0) / (x1 - x0) * (y1 - y0)
-    area += (fpr_limit - x0) * (y0 + y_cut) / 2.0
-    return area / fpr_limit
+    return _area_to_limit(above_lo / num_bg, above_hi / num_bg, pro_at("left"),
+                          pro_at("right"), fpr_limit)
 
 
 def aupro_official(masks, maps, max_step: int = 200, fpr_limit: float = 0.3) -> float:
