@@ -51,6 +51,28 @@ def packed_pair_layout(t: int, prefix: int, device: torch.device | str = "cpu"
     return positions, causal & visible
 
 
+def encode_packed_pairs(clip, pairs: torch.Tensor, sos: torch.Tensor, tail: torch.Tensor,
+                        context_len: int, read: torch.Tensor, positions: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """The text tower on packed prompt pairs (:func:`packed_pair_layout`): pairs
+    [B, 2, n, P+Q, W] (normal, abnormal; the same P context vectors in both), the [SOS]
+    embedding [B or 1, 1, W] and the class text's embeddings after "X" [B or 1, T', W]; read
+    [B n, 2]: the slots of the normal and the abnormal [EOT]. Returns L2-normalised
+    embeddings [B, n, 2, D]."""
+    b, _, n = pairs.shape[:3]
+    p = context_len
+    tail = tail[:, None].expand(b, n, -1, -1)
+    seq = torch.cat([
+        sos[:, None].expand(b, n, 1, -1),                       # [SOS]
+        pairs[:, 0, :, :p],                                     # shared context vectors
+        pairs[:, 0, :, p:], tail,                               # normal states, name, EOT...
+        pairs[:, 1, :, p:], tail,                               # abnormal states, name, EOT...
+    ], dim=2)                                                   # [B, n, 1 + P + 2s, W]
+    feats = clip.encode_text_embeddings(seq.flatten(0, 1), read, positions=positions,
+                                        attn_mask=mask)         # [B n, 2, D]
+    return F.normalize(feats, dim=-1).reshape(b, n, 2, -1)
+
+
 @dataclass
 class Samples:
     """Prompt offsets of one forward: context [R, B, D]; states [R, 1, D]."""
@@ -279,20 +301,12 @@ class BayesPFL(nn.Module):
         tokens = tokens.to(dev, non_blocking=True)
         eot = eot.to(dev, non_blocking=True)
         emb = clip.token_embedding(tokens).to(prompts.dtype)    # [B, 77, W]
-        tail = emb[:, None, 2:t - m + 1].expand(b, n_per, -1, -1)
-        pairs = prompts.reshape(b, 2, n_per, m, -1)
-        seq = torch.cat([
-            emb[:, None, :1].expand(b, n_per, 1, -1),           # [SOS]
-            pairs[:, 0, :, :p],                                 # shared context vectors
-            pairs[:, 0, :, p:], tail,                           # normal states, name, EOT...
-            pairs[:, 1, :, p:], tail,                           # abnormal states, name, EOT...
-        ], dim=2)                                               # [B, n, 1 + P + 2s, W]
         positions, mask = packed_pair_layout(t, 1 + p, dev)
         read = torch.stack([eot, eot + s], dim=1)               # [B, 2] normal, abnormal EOT
-        feats = clip.encode_text_embeddings(seq.flatten(0, 1), read.repeat_interleave(n_per, 0),
-                                            positions=positions, attn_mask=mask)
-        feats = F.normalize(feats, dim=-1).reshape(b, *lead, 2, -1)  # [B, ..., 2, D]
-        return feats.movedim(-2, 1)                             # [B, 2, ..., D]
+        feats = encode_packed_pairs(clip, prompts.reshape(b, 2, n_per, m, -1), emb[:, :1],
+                                    emb[:, 2:t - m + 1], p, read.repeat_interleave(n_per, 0),
+                                    positions, mask)            # [B, n, 2, D]
+        return feats.reshape(b, *lead, 2, -1).movedim(-2, 1)    # [B, 2, ..., D]
 
     def text_work(self, tokens: torch.Tensor, pairs: int) -> tuple[int, int]:
         """(sequences, positions per sequence) that the text tower runs for one image with

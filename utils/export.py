@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bayes_pfl import packed_pair_layout
+from models.bayes_pfl import encode_packed_pairs, packed_pair_layout
 from models.detector import AnomalyDetector
 from models.fewshot import DEFAULT_CHUNK_ELEMENTS, ReferenceBank
 from models.noise import shared_noise
@@ -208,21 +208,11 @@ class ExportedDetector(nn.Module):
         prompts = self.model.prompt_vectors(context, self.normal_states,
                                             self.abnormal_states)           # [B, 2, R, N, m, W]
         b, r, n, m = prompts.shape[0], prompts.shape[2], prompts.shape[3], prompts.shape[4]
-        p, n_per = self.context_len, r * n
-        pairs = prompts.reshape(b, 2, n_per, m, -1)
-        tail = self.name_tail[:, None].expand(b, n_per, -1, -1)              # [B, n, T', W]
-        seq = torch.cat([
-            self.sos[:, None].expand(b, n_per, 1, -1),                       # [SOS]
-            pairs[:, 0, :, :p],                                              # shared context
-            pairs[:, 0, :, p:], tail,                                        # normal states...
-            pairs[:, 1, :, p:], tail,                                        # abnormal states...
-        ], dim=2)                                                            # [B, n, 1+P+2s, W]
-        read = self.read.expand(b * n_per, 2)                                # [B n, 2]
-        feats = self.clip.encode_text_embeddings(seq.flatten(0, 1), read,
-                                                 positions=self.positions,
-                                                 attn_mask=self.mask)       # [B n, 2, D]
-        feats = F.normalize(feats, dim=-1).reshape(b, r, n, 2, -1)
-        return feats.movedim(-2, 1).flatten(1, 3)                            # [B, 2NR, D]
+        feats = encode_packed_pairs(self.clip, prompts.reshape(b, 2, r * n, m, -1), self.sos,
+                                    self.name_tail, self.context_len,
+                                    self.read.expand(b * r * n, 2), self.positions,
+                                    self.mask)                               # [B, n, 2, D]
+        return feats.reshape(b, r, n, 2, -1).movedim(-2, 1).flatten(1, 3)  # [B, 2NR, D]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features, tokens = self.clip.encode_image(image, self.layers)       # [B, D], [B, GG, V]
