@@ -12,7 +12,7 @@ parts, per image:
 - read: ``AnomalyDataset.__getitem__`` (file reading, resizing, normalising), timed alone in
   this process; in the run the reader workers do it;
 - model forward: image tower, text tower, heads and map building (``encode_images`` and
-  ``forward_features``), on the model's device;
+  ``forward_features_shots``), on the model's device;
 - main process outside the forward: its wall time less the forward and less its waits (for
   the reader workers and for room in the picture queue), split into the class metrics
   (``evaluate_class``: smoothing, fusion, pixel and image metrics), the picture hand-over and
@@ -166,10 +166,10 @@ def one_run(detector: AnomalyDetector, dataset, args, vis_dir: str | None) -> di
             with clocks.part("pictures after the last class"):
                 super().close()
 
-    saved = (detector.encode_images, detector.forward_features, evaluate.evaluate_class,
+    saved = (detector.encode_images, detector.forward_features_shots, evaluate.evaluate_class,
              evaluate.PictureWriter)
     detector.encode_images = clocks.wrap("forward", detector.encode_images)
-    detector.forward_features = clocks.wrap("forward", detector.forward_features)
+    detector.forward_features_shots = clocks.wrap("forward", detector.forward_features_shots)
     evaluate.evaluate_class = clocks.wrap("metrics", evaluate.evaluate_class)
     evaluate.PictureWriter = ClockedWriter
     loader = TimedLoader(make_loader(dataset, batch_size=args.batch_size, shuffle=False,
@@ -179,9 +179,9 @@ def one_run(detector: AnomalyDetector, dataset, args, vis_dir: str | None) -> di
             evaluate.evaluate_runs(detector, loader, "synthetic", [args.seed], pro="exact",
                                    vis_dir=vis_dir, progress=False)
     finally:
-        (detector.encode_images, detector.forward_features, evaluate.evaluate_class,
+        (detector.encode_images, detector.forward_features_shots, evaluate.evaluate_class,
          evaluate.PictureWriter) = saved
-        del detector.encode_images, detector.forward_features   # back to the class's methods
+        del detector.encode_images, detector.forward_features_shots   # the class's methods
     writer = writers[0] if writers else None
     waited = writer.waited_s if writer else 0.0
     last = "pictures after the last class"

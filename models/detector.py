@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -319,14 +319,38 @@ class AnomalyDetector:
         them and passed here instead of ``references``."""
         if fewshot is None and references is not None:
             fewshot = self.fewshot(tokens, references)
+        return self.forward_features_shots(features, tokens, class_names, {None: fewshot},
+                                           noise, return_std, topk)[None]
+
+    @torch.no_grad()
+    def forward_features_shots(self, features: torch.Tensor, tokens: list[torch.Tensor],
+                               class_names: Sequence[str], fewshots: Mapping,
+                               noise: dict[str, torch.Tensor] | None = None,
+                               return_std: bool = False, topk: Sequence[int] | None = None
+                               ) -> dict:
+        """:meth:`forward_features` for several few-shot maps of the same images ({key:
+        [B, S, S] map, or None for zero-shot}): the prompt samples, the text tower, the heads
+        and the zero-shot maps are computed once, and each map's weighted few-shot offset is
+        added to them (:meth:`score`: the offset changes nothing else, but for the per-sample
+        fused scores of ``score_std``, scored once per map). Returns {key: outputs}."""
         samples = self.draw_samples(features, noise)
         text = self.encode_text(samples, class_names)                       # [B, 2NR, D]
         image_logits, pixel_logits = self.head_logits(features, tokens, text)
-        offset = None if fewshot is None else self.fewshot_weight * fewshot
-        out = self.score(image_logits, pixel_logits, return_std, topk, offset)
-        if fewshot is not None:
-            out["fewshot_map"] = fewshot
-        return {**out, "text_embeddings": text}
+        per_map = return_std and topk is not None
+        shared = None if per_map else self.score(image_logits, pixel_logits, return_std)
+        outs = {}
+        for key, fewshot in fewshots.items():
+            offset = None if fewshot is None else self.fewshot_weight * fewshot
+            if per_map:
+                out = self.score(image_logits, pixel_logits, return_std, topk, offset)
+            else:
+                out = dict(shared)
+                if offset is not None:
+                    out["anomaly_map"] = shared["anomaly_map"] + offset
+            if fewshot is not None:
+                out["fewshot_map"] = fewshot
+            outs[key] = {**out, "text_embeddings": text}
+        return outs
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, class_names: Sequence[str] | str,

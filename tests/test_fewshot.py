@@ -210,6 +210,39 @@ def test_references_are_read_upright_as_the_scored_images(det, tmp_path, monkeyp
     assert same(baked["bank"], want)
 
 
+@pytest.mark.parametrize("topk", [None, [5, 7]])
+def test_several_maps_share_one_text_pass_and_equal_one_call_each(det, topk):
+    """forward_features_shots (test.py's runs of several shot seeds) gives each map's outputs
+    of forward_features bit for bit, spreads and per-sample fused scores included."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    features, tokens = det.encode_images(images)
+    banks = {shot: det.reference_bank(torch.randn(k, 3, 32, 32,
+                                                  generator=torch.Generator().manual_seed(shot)))
+             for shot, k in ((0, 1), (1, 3))}
+    maps = {None: None, **{shot: det.fewshot(tokens, bank) for shot, bank in banks.items()}}
+    noise = shared_noise(det.sample_num, 2, det.model.prompt_context.shape[-1], 4)
+    calls = []
+    real = det.encode_text
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    det.encode_text = counted
+    try:
+        together = det.forward_features_shots(features, tokens, ["pill", "wood"], maps, noise,
+                                              True, topk)
+    finally:
+        del det.encode_text
+    assert len(calls) == 1 and list(together) == list(maps)
+    for key, fewshot in maps.items():
+        alone = det.forward_features(features, tokens, ["pill", "wood"], noise, True, topk,
+                                     fewshot=fewshot)
+        assert set(alone) == set(together[key])
+        for name, value in alone.items():
+            assert torch.equal(value, together[key][name]), (key, name)
+
+
 def test_predict_images_with_references_equals_the_bank_path(det, tmp_path):
     rng = np.random.default_rng(4)
     good = [Image.fromarray(rng.integers(0, 256, (36, 36, 3), np.uint8)) for _ in range(2)]
@@ -282,6 +315,13 @@ def test_k_shot_runs_do_not_depend_on_the_batch_size(tiny_files, shots_root, tmp
                 assert (a is None) == (b is None)
                 if a is not None:
                     assert a == pytest.approx(b, abs=1e-5), (name, cls, column)
+    # a run among several shot seeds (sharing the seed's prompt samples, text and maps) is
+    # the run of its shot seed alone
+    assert _test_py(tiny_files, shots_root, tmp_path / "alone", "--k_shot", "2", "--shot_seeds",
+                    "1", "--seeds", "7", "--batch_size", "1") == 0
+    alone = json.loads((tmp_path / "alone" / "results_withtrain.json").read_text())
+    among = json.loads((tmp_path / "b1" / "seed7_shot1_results_withtrain.json").read_text())
+    assert alone["classes"] == among["classes"]
     summary = json.loads((tmp_path / "b1" / "results_withtrain.json").read_text())
     assert summary["status"] == "complete" and summary["runs"] == [[7, 0], [7, 1]]
     refs = summary["references"]

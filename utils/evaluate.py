@@ -162,16 +162,19 @@ def iterate_runs(detector, loader, seeds: Sequence[int | None], progress: bool =
             fewshot = _batch_fewshot(detector, tokens, names, banks)
             if keys is None:
                 keys = [(seed, shot) for seed in seeds for shot in fewshot]
-        outs = {}
+        by_seed: dict = {}          # a seed's runs share its prompt samples, text and maps
         for key in keys:
             seed, shot = key if references is not None else (key, None)
+            by_seed.setdefault(seed, {})[key] = fewshot.get(shot)
+        outs = {}
+        for seed, shots in by_seed.items():
             run_noise = noises[seed]
             noise = None if run_noise is None else run_noise.batch(names, indices)
-            out = detector.forward_features(features, tokens, names, noise, return_std,
-                                            fewshot=fewshot.get(shot))
-            # the one device -> host copy of the batch
-            outs[key] = {k: out[k].float().cpu().numpy()
-                         for k in ("image_score", "anomaly_map", "anomaly_map_std") if k in out}
+            for key, out in detector.forward_features_shots(features, tokens, names, shots,
+                                                            noise, return_std).items():
+                # the one device -> host copy of the batch
+                outs[key] = {k: out[k].float().cpu().numpy() for k in
+                             ("image_score", "anomaly_map", "anomaly_map_std") if k in out}
         masks = (batch["mask"][:, 0] > 0.5).numpy()
         for i, name in enumerate(names):
             if current is None or next(iter(current.values())).name != name:
