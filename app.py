@@ -215,7 +215,7 @@ class Inspector:
                      [], [], ref_names, {}, {}, notes)
         results = predict_images(detector, [im for _, im in images], class_name,
                                  batch_size=self.batch_size, seed=seed, return_std=uncertainty,
-                                 references=bank) if images else []
+                                 references=bank, return_fewshot=False) if images else []
         for k, ((name, image), res) in enumerate(zip(images, results)):
             file_name = f"{k:03d}_{os.path.splitext(name)[0]}.png"
             run.overlays.append(os.path.join(run.folder, "overlays", file_name))

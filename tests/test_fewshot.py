@@ -257,6 +257,11 @@ def test_predict_images_with_references_equals_the_bank_path(det, tmp_path):
         assert x["text_score"] == pytest.approx(z["text_score"], abs=1e-6)
         assert x["map_score"] > z["map_score"]          # the few-shot map only adds
         assert x["fewshot_map"].shape == (36, 36) and "fewshot_map" not in z
+    # without the few-shot map (predict.py, the page): every other output the same
+    lean = predict_images(det, test, "pill", seed=1, references=bank, return_fewshot=False)
+    for x, y in zip(lean, a):
+        assert set(x) == set(y) - {"fewshot_map"}
+        assert x["score"] == y["score"] and np.array_equal(x["anomaly_map"], y["anomaly_map"])
     # a good image scored against itself gets the zero-shot map back
     self_ = predict_images(det, good[:1], "pill", seed=1, references=good[:1])[0]
     zero = predict_images(det, good[:1], "pill", seed=1)[0]

@@ -107,7 +107,7 @@ def references_of(detector, references, exif_transpose: bool = True) -> Referenc
 def predict_images(detector, images, class_name: str | Sequence[str],
                    batch_size: int = 8, smooth_sigma: float = 8.0, seed: int | None = None,
                    exif_transpose: bool = True, return_std: bool = False,
-                   references=None) -> list[dict]:
+                   references=None, return_fewshot: bool = True) -> list[dict]:
     """Score images (paths, PIL images or arrays, read by range: ``models.imaging``; one image
     or a list) of one class (or one class name each).
 
@@ -123,7 +123,7 @@ def predict_images(detector, images, class_name: str | Sequence[str],
     ``detector.reference_bank``): the few-shot mode, the anomaly map being the zero-shot map
     plus ``detector.fewshot_weight`` times the few-shot map (before smoothing) and the map
     score taken from it; each result also gets ``fewshot_map`` (smoothed likewise, original
-    size).
+    size) unless ``return_fewshot`` is False.
 
     ``seed``: when given, every image gets the same standard-normal draws, so that an image's
     result depends neither on the other images of the call nor on its position; None: draws
@@ -151,7 +151,7 @@ def predict_images(detector, images, class_name: str | Sequence[str],
         maps = out["anomaly_map"].float()
         smoothed = gaussian_smooth(maps, smooth_sigma) if smooth_sigma else maps
         fewshot = None
-        if "fewshot_map" in out:
+        if return_fewshot and "fewshot_map" in out:
             fewshot = out["fewshot_map"].float()
             fewshot = gaussian_smooth(fewshot, smooth_sigma) if smooth_sigma else fewshot
         for i, im in enumerate(chunk):
@@ -176,18 +176,18 @@ def predict_images(detector, images, class_name: str | Sequence[str],
 
 def iter_scores(detector, items: Sequence[ImageItem], batch_size: int = 8,
                 seed: int | None = None, exif_transpose: bool = True, return_std: bool = False,
-                references: ReferenceBank | None = None
+                references: ReferenceBank | None = None, return_fewshot: bool = True
                 ) -> Iterator[tuple[ImageItem, Image.Image | None, dict | str]]:
     """Score items in batches of one class each. Yields (item, the image as read by range -
     8 bits per channel -, result of ``predict_images``) for each image, or (item, None,
     reason) for a file that cannot be read. ``exif_transpose``: files are turned upright by
-    their EXIF orientation first."""
+    their EXIF orientation first; ``return_fewshot``: as for ``predict_images``."""
     batch: list[tuple[ImageItem, Image.Image]] = []
 
     def flush():
         results = predict_images(detector, [im for _, im in batch], batch[0][0].class_name,
                                  batch_size=len(batch), seed=seed, return_std=return_std,
-                                 references=references)
+                                 references=references, return_fewshot=return_fewshot)
         done = [(item, im, res) for (item, im), res in zip(batch, results)]
         batch.clear()
         return done
@@ -303,11 +303,12 @@ def _scored(detector, items, batch_size, desc, progress, skipped, seed=None,
             exif_transpose=True, return_std=False, references=None, on_skip=None):
     """(item, image, result) of each readable item as it is scored, under a progress bar;
     unreadable files are reported and appended to ``skipped`` (and passed to ``on_skip``).
-    Nothing is held beyond a batch, so folders of any size fit in memory."""
+    Nothing is held beyond a batch, so folders of any size fit in memory; the results leave
+    out the few-shot map, which predict_folder does not write."""
     with tqdm(total=len(items), desc=desc, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for item, image, res in iter_scores(detector, items, batch_size, seed, exif_transpose,
-                                            return_std, references):
+                                            return_std, references, return_fewshot=False):
             bar.update(1)
             if image is None:
                 tqdm.write(f"warning: skipped: {res}", file=sys.stderr)
