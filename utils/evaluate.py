@@ -281,8 +281,8 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
                 if smoothed is None and vis_dir:   # maps not scored (classification-only)
                     smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
                 first = {"threshold": rows[key].get("threshold"), "smoothed": smoothed,
-                         "colour_range": None if smoothed is None else (
-                             float(smoothed.min()), float(smoothed.max()))}
+                         "colour_range": None if smoothed is None or not vis_dir else (
+                             float(smoothed.min()), float(smoothed.max()))}   # pictures
                 for line in mask_warnings(outputs.name, outputs.labels,
                                           outputs.masks if masks_used else None):
                     say.warning("%s", line)
