@@ -521,7 +521,10 @@ def serve(args, inspector: Inspector, work_dir: str) -> None:
         if args.share:
             log.warning("public link: %s (anyone with it can use the page)", page.share_url)
         while True:
-            time.sleep(3600)
+            # short naps: Python runs a signal's handler (Ctrl-C, SIGTERM) in the main thread
+            # only, and when the OS delivers the signal to another thread (the server's), a
+            # main thread asleep for an hour would not notice it until it wakes
+            time.sleep(0.25)
     except KeyboardInterrupt:
         log.info("stopping the page")
     finally:

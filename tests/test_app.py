@@ -570,6 +570,33 @@ def test_limits_and_unreadable_files(detector, files, tmp_path):
                             111, 100.0)
 
 
+def _signal_a_server_thread(pid: int, sig: int) -> None:
+    """``sig`` delivered to one of the process's other threads (the kernel may pick any thread
+    for a signal sent to the process)."""
+    import ctypes
+    import platform
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    thread = max(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    number = {"x86_64": 234, "aarch64": 131}[platform.machine()]          # SYS_tgkill
+    assert libc.syscall(number, pid, thread, int(sig)) == 0, ctypes.get_errno()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads of /proc: Linux")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_caught_by_a_server_thread_still_stops_the_page(tiny_files, tmp_path, sig):
+    """The main thread notices a signal the OS handed to another thread (it used to sleep on
+    for an hour: the page hung)."""
+    server = App(str(tmp_path), tiny_files)
+    work_dir = server.work_dir()
+    _signal_a_server_thread(server.proc.pid, sig)
+    try:
+        assert server.proc.wait(20) == 0
+    finally:
+        server.stop()
+    assert not os.path.exists(work_dir) and "stopping the page" in server.log()
+
+
 def test_ctrl_c_removes_the_uploads(tiny_files, tmp_path):
     server = App(str(tmp_path), tiny_files)
     work_dir = server.work_dir()
