@@ -40,6 +40,11 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+# The OpenCV major version of the official code (its requirements: opencv-python 4.9.0.80).
+# OpenCV 5 rounds the rotation and the colour jitter differently (1 to 2 levels on about a sixth
+# of the values), so with it the augmentation is no longer bit-equal to the official pipeline.
+OFFICIAL_OPENCV_MAJOR = 4
+
 ONEOF_CHILDREN = ("Blur", "ColorJitter", "GaussianBlur")
 _U32_MAX = 2**32 - 1
 
@@ -111,6 +116,19 @@ class AugmentParams:
             ("GaussianBlur", gb, lambda: {"ksize": gb[0], "sigma": gb[1]}),
         ]
         return [(name, make()) for name, value, make in items if value is not None]
+
+
+def opencv_warning(version: str | None = None) -> str | None:
+    """None when OpenCV ``version`` (default: the installed one) is the official major
+    version, else the one-line warning that the augmentation is not bit-equal to the official
+    pipeline, with the install command that makes it so."""
+    version = cv2.__version__ if version is None else version
+    if version.split(".")[0] == str(OFFICIAL_OPENCV_MAJOR):
+        return None
+    return (f"OpenCV {version} is installed, not OpenCV {OFFICIAL_OPENCV_MAJOR} (the official "
+            f"code's): the training augmentation is not bit-equal to the official pipeline; "
+            f"pip install 'opencv-python-headless>={OFFICIAL_OPENCV_MAJOR}.9,"
+            f"<{OFFICIAL_OPENCV_MAJOR + 1}' restores it")
 
 
 def draw_params(rng: random.Random, shape: tuple[int, ...]) -> AugmentParams:

@@ -47,7 +47,11 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 BROWSER_REQUIRED = os.environ.get("BAYES_PFL_BROWSER_TESTS") == "required"
 CLASS_NAME = "bottle"
 TINY_FLAGS = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS)]
-WAIT_S = 60
+WAIT_S = 60          # the browser's waits for the page
+# The app's start and stop: events waited on (a log line, the process's exit), never timed. The
+# deadline only ends a test that would otherwise hang, long enough for a loaded CI machine; at
+# it, the process's threads' stacks go into the failure (faulthandler on SIGABRT).
+PROCESS_DEADLINE_S = 300
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 # Written next to the app as sitecustomize.py: refuses and records (one JSON line each) every
@@ -133,7 +137,7 @@ class App:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([folder, ROOT]),
-               "PAGE_TEST_NET_LOG": self.net_log,
+               "PAGE_TEST_NET_LOG": self.net_log, "PYTHONFAULTHANDLER": "1",
                "OMP_NUM_THREADS": str(torch.get_num_threads())}
         clip, ckpt = tiny_files
         self.log_file = open(self.log_path, "w")
@@ -148,14 +152,34 @@ class App:
             return f.read()
 
     def wait_ready(self):
-        deadline = time.time() + WAIT_S
-        while time.time() < deadline:
+        deadline = time.monotonic() + PROCESS_DEADLINE_S
+        while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"app.py exited with {self.proc.returncode}:\n{self.log()}")
             if "the page is at" in self.log():
                 return
             time.sleep(0.1)
-        raise AssertionError(f"app.py did not start within {WAIT_S} s:\n{self.log()}")
+        self._fail_with_stacks("did not say where the page is")
+
+    def _fail_with_stacks(self, what: str):
+        """End the hung process with SIGABRT (faulthandler writes every thread's stack into
+        its log), then fail with what was still running."""
+        self.proc.send_signal(signal.SIGABRT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+        raise AssertionError(f"app.py {what} within {PROCESS_DEADLINE_S} s; its log and the "
+                             f"stacks of its threads:\n{self.log()}")
+
+    def wait_exit(self) -> int:
+        """The exit status, once the process has exited (on its own or after a signal)."""
+        try:
+            return self.proc.wait(PROCESS_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            self._fail_with_stacks("did not exit")
 
     def records(self) -> list[dict]:
         if not os.path.isfile(self.net_log):
@@ -170,11 +194,7 @@ class App:
     def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.wait_exit()
         self.log_file.close()
         return self.proc.returncode
 
@@ -591,7 +611,7 @@ def test_a_signal_caught_by_a_server_thread_still_stops_the_page(tiny_files, tmp
     work_dir = server.work_dir()
     _signal_a_server_thread(server.proc.pid, signal.SIGINT)
     try:
-        assert server.proc.wait(20) == 0
+        assert server.wait_exit() == 0
     finally:
         server.stop()
     assert not os.path.exists(work_dir) and "stopping the page" in server.log()

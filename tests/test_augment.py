@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dataset.augment import (
+    OFFICIAL_OPENCV_MAJOR,
     AugmentParams,
     ColorJitterParams,
     NoiseParams,
@@ -27,6 +28,7 @@ from dataset.augment import (
     gauss_noise,
     gaussian_blur,
     official_augment,
+    opencv_warning,
     rot90,
     rotate,
 )
@@ -272,6 +274,21 @@ def test_truncation_not_rounding():
     # 10 * 1.19 = 11.9 -> 11; 100 * 0.8 + 0.001 * 255 = 80.255 -> 80
     assert (brightness_contrast(image, 1.19, 0.0) == 11).all()
     assert (brightness_contrast(np.full((1, 1, 3), 100, np.uint8), 0.8, 0.001) == 80).all()
+
+
+def test_opencv_warning_names_the_version_and_the_fix():
+    assert OFFICIAL_OPENCV_MAJOR == 4
+    assert opencv_warning("4.9.0") is None and opencv_warning("4.14.0") is None
+    assert opencv_warning(cv2.__version__) == opencv_warning()
+    for version in ("5.1.0", "3.4.18"):
+        message = opencv_warning(version)
+        assert message.startswith(f"OpenCV {version} is installed, not OpenCV 4")
+        assert "not bit-equal" in message and "opencv-python-headless>=4.9,<5" in message
+
+
+def test_the_installed_opencv_is_the_official_major():
+    """The requirements pin OpenCV 4 (pyproject.toml): the golden tests below hold with it."""
+    assert cv2.__version__.split(".")[0] == "4", cv2.__version__
 
 
 def test_official_augment_and_augment_rgb():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import test as test_script
+from tests.noise import api_outputs, assert_batchings_agree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +48,13 @@ def test_end_to_end_outputs_agree_and_batch_size_does_not_matter(tiny_files, dat
     res1 = json.loads((tmp_path / "b1" / "results_synthetic.json").read_text())
     res4 = json.loads((tmp_path / "b4" / "results_synthetic.json").read_text())
     assert set(res1["classes"]) == {"gravel", "pill", "wood"}
-    for cls, row in res1["classes"].items():
-        for k, v in row.items():
-            # maps agree to float rounding (~1e-7), which can swap a few pixel ranks
-            assert v == pytest.approx(res4["classes"][cls][k], abs=2e-5), (cls, k)
+    # the maps agree to float32 rounding (~1e-7); each metric lies inside the interval that
+    # this noise allows (tests/noise.py)
+    api = {b: api_outputs(tiny_files, data_root, "synthetic", b, 333) for b in (1, 4)}
+    assert set(res4["classes"]) == set(res1["classes"])
+    for cls in res1["classes"]:
+        assert_batchings_agree({1: res1["classes"][cls], 4: res4["classes"][cls]},
+                               {b: api[b][cls][333] for b in (1, 4)}, "synthetic", where=cls)
     # CSV rows equal the JSON
     with open(tmp_path / "b1" / "results_synthetic.csv") as f:
         rows = {r["class"]: r for r in csv.DictReader(f)}

@@ -340,12 +340,43 @@ def test_resume_errors(tmp_path, synth_root, tiny_files):
         train(make_config(tmp_path, synth_root, tiny_files[0], resume=tiny_files[1]))
 
 
-def test_cached_features_run(tmp_path, synth_root, tiny_files):
+def _opencv_warnings(save_path) -> list[str]:
+    log = (save_path / "train.log").read_text().splitlines()
+    return [line for line in log if " WARNING " in line and "OpenCV" in line]
+
+
+def test_training_warns_once_when_opencv_is_not_the_official_major(tmp_path, synth_root,
+                                                                   tiny_files, monkeypatch):
+    """The augmentation is bit-equal to the official pipeline with OpenCV 4 only: a run that
+    augments with another major version installed says so once, in the log; with OpenCV 4 it
+    says nothing."""
+    import dataset.augment as augment
+
+    monkeypatch.setattr(augment.cv2, "__version__", "5.1.0")
+    result = train(make_config(tmp_path / "five", synth_root, tiny_files[0], epochs=2,
+                               stop_after=1))
+    assert result.epochs_run == 1
+    warnings = _opencv_warnings(tmp_path / "five")
+    assert len(warnings) == 1, warnings
+    assert ("OpenCV 5.1.0 is installed, not OpenCV 4 (the official code's): the training "
+            "augmentation is not bit-equal to the official pipeline; pip install "
+            "'opencv-python-headless>=4.9,<5' restores it") in warnings[0]
+    monkeypatch.setattr(augment.cv2, "__version__", "4.9.0")
+    train(make_config(tmp_path / "four", synth_root, tiny_files[0], epochs=2, stop_after=1))
+    assert _opencv_warnings(tmp_path / "four") == []
+
+
+def test_cached_features_run(tmp_path, synth_root, tiny_files, monkeypatch):
+    import dataset.augment as augment
+
+    # cached features: no augmentation runs, so no OpenCV warning even with OpenCV 5
+    monkeypatch.setattr(augment.cv2, "__version__", "5.1.0")
     cfg = make_config(tmp_path, synth_root, tiny_files[0], epochs=2, stop_after=1,
                       cache_features=True,
                       cache_size=6, lr_overrides={"rest": 1e-3})
     result = train(cfg)
     assert result.epochs_run == 1 and result.history[0]["lr"]["rest"] > 1e-4
+    assert _opencv_warnings(tmp_path) == []
     clip = load_clip(tiny_files[0], image_size=32)
     plain = AnomalyDataset(synth_root, "synth", mode="train", image_size=32,
                            class_names=["mesh", "wood"], augment=False, mosaic_prob=0.0)
@@ -370,8 +401,26 @@ def test_validation_does_not_depend_on_batch_size(synth_root, tiny_files):
         loader = make_loader(ds, batch_size=batch_size, shuffle=False, num_workers=0, seed=0)
         figures.append(validate(clip, model, loader, cfg, 1, seed=7))
     assert figures[0].per_class.keys() == {"pill", "wood"}
-    assert figures[0].pixel_ap == pytest.approx(figures[1].pixel_ap, abs=1e-6)
-    assert figures[0].image_ap == pytest.approx(figures[1].image_ap, abs=1e-6)
+    # the maps of the two batchings agree to float32 rounding: each class's AP lies inside the
+    # interval that this noise allows around batch 1's raw maps and text scores (tests/noise.py)
+    from models import AnomalyDetector
+    from tests.noise import MAP_NOISE, metric_interval
+    from utils.evaluate import iterate_classes
+
+    detector = AnomalyDetector(clip, model, 32, cfg.sample_num, 1, cfg.features_list)
+    detector.reset_samples()
+    loader = make_loader(ds, batch_size=1, shuffle=False, num_workers=0, seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        outputs = list(iterate_classes(detector, loader, progress=False))
+    for out in outputs:
+        interval = metric_interval(out.labels, out.masks, out.maps, out.text_scores, MAP_NOISE,
+                                   MAP_NOISE)
+        for f in figures:
+            lo, hi = interval["ap_px"]
+            assert lo <= f.per_class[out.name]["pixel_ap"] <= hi, (out.name, lo, hi)
+            lo, hi = interval["ap_sp"]
+            assert lo <= f.per_class[out.name]["image_ap"] <= hi, (out.name, lo, hi)
 
 
 def test_plan_data(synth_root):

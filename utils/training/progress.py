@@ -40,6 +40,10 @@ class RunLog:
         if self.main:
             log.info(message)
 
+    def warning(self, message: str) -> None:
+        if self.main:
+            log.warning(message)
+
     def epoch(self, record: dict, skipped: list[str]) -> None:
         """One epoch's losses, figures, per-class figures and learning rates."""
         losses = " ".join(f"{k}={v:.4f}" for k, v in record["losses"].items())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from dataset.augment import opencv_warning
 from dataset.data import AnomalyDataset, make_loader
 from dataset.registry import dataset_info
 from models import BayesPFL, load_clip
@@ -117,6 +118,8 @@ class Trainer:
         dist_utils.broadcast_module(self.model)
         self.step_module = TrainingStep(self.model, self.clip)
 
+        # the official augmentation runs on the training images unless their features are cached
+        self.augmenting = train_ds.augment and not cfg.cache_features
         if cfg.cache_features:
             plain = AnomalyDataset(self.plan.train_root, self.plan.train_dataset, mode="train",
                                    image_size=cfg.image_size,
@@ -282,6 +285,9 @@ class Trainer:
                   + (" (held out of training)" if self.plan.held_out else "")
                   + f"; {self.dist.world_size} process(es) x batch {cfg.batch_size}, "
                   f"{self.steps_per_epoch} steps per epoch, device {self.device}")
+        warning = opencv_warning() if self.augmenting else None
+        if warning:
+            self.log.warning(warning)
         if self._resume_state is not None:
             self._resume(cfg.resume, self._resume_state)
             self._resume_state = None
