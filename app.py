@@ -36,12 +36,13 @@ from typing import Sequence
 
 from dataset.registry import REGISTRY
 from models import AnomalyDetector
+from models.noise import check_seed
 from models.errors import InputError, SettingsError, UserError, WeightsError
 from models.imaging import to_pil_image
 from predict import load_detector
 from utils.cli import (DEFAULT_CHECKPOINT, DEFAULT_CLIP, Parser, add_model_arguments,
                        add_runtime_arguments, fail, interrupt_on_sigterm, non_negative_float,
-                       positive_int)
+                       port_int, positive_int, seed_int)
 from utils.inference import (DECISION_RULE, STD_SCALE, calibrate_threshold, decide,
                              prediction_row, predict_images, predictions_record,
                              references_of, save_overlay, write_outputs)
@@ -201,6 +202,7 @@ class Inspector:
         their reason; ``few_shot``: compared with the readable references), draw the overlays;
         returns the run without decisions."""
         started = time.time()
+        seed = check_seed(seed, "the seed")
         if not files:
             raise InputError("no images: drop one or more image files on 'Images to inspect'")
         class_name = check_request(class_name, [("images", files), ("reference images",
@@ -244,6 +246,7 @@ class Inspector:
         ``percentile`` of their scores with the page's settings. ``few_shot``: each reference
         is scored against the others (leave one out: compared with itself, its few-shot map
         would be 0 and the threshold too low), so at least two are needed."""
+        seed = check_seed(seed, "the seed")
         if not references:
             raise InputError("no reference images: drop good images on 'Good reference "
                              "images' to set the threshold from their scores")
@@ -421,7 +424,7 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
         def on_score(paths, name, refs, compare, r, s, spread, value, calibration):
             try:
                 run = inspector.score(paths or [], name or "", refs or [], bool(compare),
-                                      int(r), int(s), bool(spread))
+                                      int(r), s, bool(spread))
             except UserError as error:
                 return (None, messages_html(None, [str(error)]), [], gr.update(visible=False),
                         None, None, gr.update())
@@ -436,7 +439,7 @@ def build_page(inspector: Inspector, sample_num: int, seed: int):
         def on_calibrate(run, refs, name, compare, r, s, pct):
             try:
                 chosen = inspector.calibrate(refs or [], name or "", bool(compare), int(r),
-                                             int(s), float(pct))
+                                             s, float(pct))
             except (UserError, ValueError) as error:
                 return gr.update(), messages_html(run, [str(error)]), gr.update()
             said = (f"threshold {chosen['value']:.6f}: percentile {pct:g} of the scores of "
@@ -480,7 +483,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=positive_int, default=10,
                    help="the page's default number of samples R")
-    p.add_argument("--seed", type=int, default=111, help="the page's default seed")
+    p.add_argument("--seed", type=seed_int, default=111, help="the page's default seed")
     p.add_argument("--batch_size", type=positive_int, default=8, help="images per forward")
     p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
                    help="weight of the few-shot map in the anomaly map (with references)")
@@ -489,7 +492,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="read files without turning them upright by their EXIF orientation")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; 0.0.0.0 opens the page to the network")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port_int, default=7860)
     p.add_argument("--share", action="store_true",
                    help="also a public gradio.live link (the page then goes through Gradio's "
                         "servers)")

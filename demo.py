@@ -45,7 +45,7 @@ from models.random_clip import make_clip_state_dict
 from utils.evaluate import evaluate_runs, reference_banks
 from utils.provenance import data_record, provenance
 from utils.results import make_output_folder, write_runs, write_text
-from utils.cli import Parser, fail
+from utils.cli import Parser, fail, seed_int
 from utils.misc import set_seed, setup_logging
 from utils.training import TrainConfig, train
 
@@ -69,7 +69,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=5,
                    help="epochs without improvement before the stage switch / stop "
                         "(official: 3)")
-    p.add_argument("--seed", type=int, default=333)
+    p.add_argument("--seed", type=seed_int, default=333)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--n_anomalous", type=int, default=24,
                    help="anomalous images per category (good ones: half as many)")

@@ -22,7 +22,7 @@ import sys
 from models import AnomalyDetector
 from models.errors import UserError
 from utils.cli import (Parser, add_model_arguments, add_weight_arguments, class_name_text, fail,
-                       model_request, non_negative_float, positive_int)
+                       model_request, non_negative_float, positive_int, seed_int)
 from utils.export import export_onnx
 from utils.inference import find_references, references_of
 from utils.misc import setup_logging
@@ -39,7 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the ONNX file to write (e.g. part.onnx)")
     add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")
-    p.add_argument("--seed", type=int, default=111,
+    p.add_argument("--seed", type=seed_int, default=111,
                    help="seed of the prompt noise baked into the file (predict.py's --seed)")
     p.add_argument("--reference", nargs="+", default=None, metavar="PATH",
                    help="good images of the part (files, folders or glob patterns): their "

@@ -33,7 +33,7 @@ from dataset.files import is_output_folder
 from dataset.locks import folder_lock
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, add_weight_arguments,
                        class_name_text, fail, interrupt_on_sigterm, model_request,
-                       non_negative_float, positive_int, probability)
+                       non_negative_float, positive_int, probability, seed_int)
 from utils.inference import (InputError, OnnxDetector, find_inputs, find_references,
                              predict_folder, references_of)
 from utils.onnx_detector import providers_for, require_runtime
@@ -254,7 +254,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "and references are fixed in it")
     p.add_argument("--sample_num", type=positive_int, default=None,
                    help="Monte Carlo samples R (default 10; with --onnx, the file's)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_int, default=None,
                    help="seed of the prompt noise (default 111; with --onnx, the file's)")
     p.add_argument("--batch_size", type=positive_int, default=8,
                    help="images per forward (one class per batch)")
@@ -292,6 +292,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.percentile <= 100.0:
         parser.error(f"--percentile must be within 0..100, not {args.percentile:g}")
+    if args.fewshot_weight is not None and not (args.reference or args.onnx):
+        parser.error("--fewshot_weight applies to the few-shot mode only: add --reference "
+                     "PATH ..., or drop --fewshot_weight")
     interrupt_on_sigterm()
     try:
         result = run(args)

@@ -33,7 +33,8 @@ from models.errors import UserError
 from utils import distributed
 from utils.cli import (DEFAULT_CHECKPOINT, DEFAULT_CLIP, WORKERS_HELP, Parser,
                        add_model_arguments, add_runtime_arguments, default_workers,
-                       interrupt_on_sigterm, model_request, non_negative_float, positive_int)
+                       interrupt_on_sigterm, model_request, non_negative_float, positive_int,
+                       seed_int)
 from utils.distributed_eval import ClassShards, agree
 from utils.evaluate import evaluate_runs, reference_banks, run_label
 from utils.provenance import class_counts, data_record, provenance
@@ -60,8 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="OpenAI CLIP weights")
     add_model_arguments(p, from_checkpoint=True)
     p.add_argument("--sample_num", type=positive_int, default=10, help="Monte Carlo samples R")
-    p.add_argument("--seed", type=int, default=111, help="the official test.sh uses 333")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
+    p.add_argument("--seed", type=seed_int, default=111, help="the official test.sh uses 333")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=None,
                    help="evaluate with each of these seeds (the image tower runs once for all) "
                         "and report every figure as mean ± std over them, beside each seed's "
                         "own table; replaces --seed")
@@ -86,18 +87,32 @@ def get_parser() -> argparse.ArgumentParser:
                    help="few-shot: K good reference images per class, drawn from the class's "
                         "train split (never the test split), added as a memory bank of patch "
                         "features; not the paper's zero-shot protocol")
-    p.add_argument("--shot_seeds", type=int, nargs="+", default=[0],
-                   help="with --k_shot: the seeds of the reference draws; every figure is "
-                        "reported as mean ± std over them (and over --seeds)")
-    p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
+    p.add_argument("--shot_seeds", type=seed_int, nargs="+", default=None,
+                   help="with --k_shot: the seeds of the reference draws (default: 0); every "
+                        "figure is reported as mean ± std over them (and over --seeds)")
+    p.add_argument("--fewshot_weight", type=non_negative_float, default=None,
                    help="with --k_shot: the anomaly map is the zero-shot map plus this times "
-                        "the few-shot map")
+                        "the few-shot map (default: 1)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that only make sense together, checked before anything is read or written; the
+    few-shot defaults filled in."""
+    if args.k_shot is None:
+        for flag in ("shot_seeds", "fewshot_weight"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} applies to the few-shot mode only: add --k_shot K, or "
+                             f"drop --{flag}")
+    args.shot_seeds = args.shot_seeds if args.shot_seeds is not None else [0]
+    args.fewshot_weight = args.fewshot_weight if args.fewshot_weight is not None else 1.0
+
+
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     interrupt_on_sigterm()
     info = distributed.env_info()         # torchrun: one process per rank
     # the console only, until every input is checked; rank 0 tells the run, the others only

@@ -17,7 +17,7 @@ from dataset.registry import REGISTRY
 from models.errors import UserError
 from utils import distributed as dist_utils
 from utils.cli import (WORKERS_HELP, Parser, add_model_arguments, add_runtime_arguments, fail,
-                       finite_float, positive_int)
+                       finite_float, positive_int, seed_int)
 from utils.misc import setup_logging
 from utils.training import TrainConfig, train
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="per process: with torchrun the effective batch is nproc_per_node x batch_size")
     a("--epochs", type=positive_int, default=d.epochs, help="at most this many epochs (both stages)")
     a("--sample_num", type=positive_int, default=d.sample_num, help="Monte Carlo samples in validation")
-    a("--seed", type=int, default=d.seed)
+    a("--seed", type=seed_int, default=d.seed)
     a("--print_freq", type=int, default=d.print_freq,
       help="steps between updates of the running losses on the progress bar")
     a("--save_freq", type=positive_int, default=d.save_freq,

@@ -87,6 +87,21 @@ def meta_path(root: str, dataset_name: str) -> str:
     return os.path.join(root, f"meta_{dataset_name}.json")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object of a meta file with one key twice (the message names the key)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object hook: the object, or _DuplicateKey when a key comes twice (json.load
+    would silently keep the last, dropping e.g. the first section of a class)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"'{key}'")
+        out[key] = value
+    return out
+
+
 def load_meta(root: str, dataset_name: str) -> dict:
     """Read ``<root>/meta_<dataset_name>.json``; clear errors when it is missing or malformed."""
     path = meta_path(root, dataset_name)
@@ -97,7 +112,12 @@ def load_meta(root: str, dataset_name: str) -> dict:
         )
     try:
         with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
+            meta = json.load(handle, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as error:
+        raise DatasetError(f"Meta file {path} lists {error} twice (a JSON object keeps only "
+                           f"the last of two equal keys): merge the two into one, or recreate "
+                           f"the file with `python dataset/make_meta.py --data_root {root} "
+                           f"--dataset {dataset_name}`.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(
             f"Meta file {path} cannot be read ({error}); recreate it with `python "

@@ -46,6 +46,7 @@ from dataset.files import list_dirs, list_files
 from dataset.make_meta import check_mask_size, meta_sample, write_meta_file
 from models.errors import InputError, SettingsError
 from models.imaging import to_8bit
+from models.noise import check_seed
 from models.wording import OFFICIAL_WORDING
 
 SOURCE = "dataset.folder"
@@ -351,8 +352,8 @@ def _check_settings(name: str, normal_dir: str, n_train: int, seed: Optional[int
                             f"images (e.g. good), not a path.")
     if n_train < 0:
         raise SettingsError(f"--n_train {n_train}: pass a count of 0 or more.")
-    if seed is not None and seed < 0:
-        raise SettingsError(f"--seed {seed}: pass a seed of 0 or more.")
+    if seed is not None:
+        check_seed(seed)
     if seed is not None and not n_train:
         raise SettingsError("--seed draws the images of --n_train: pass --n_train K as well.")
 

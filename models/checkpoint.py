@@ -142,15 +142,33 @@ def atomic_save(obj, path: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         _remove_quietly(tmp)
-        raise OutputError(f"cannot write {path} ({error.strerror or error}): free some space "
+        if isinstance(error, RuntimeError) and not _is_write_failure(error):
+            raise
+        reason = (error.strerror if isinstance(error, OSError) else None) or _first_line(error)
+        raise OutputError(f"cannot write {path} ({reason}): free some space "
                           f"or choose another --save_path; nothing was left half-written "
                           f"(the previous {os.path.basename(path)}, if any, is unchanged)"
                           ) from None
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+# What torch.save's zip writer (PytorchStreamWriter, inline_container.cc) raises as a
+# RuntimeError when the file underneath stops taking bytes (a full disk): not an OSError.
+_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos",
+                    "file write failed")
+
+
+def _is_write_failure(error: RuntimeError) -> bool:
+    return any(marker in str(error) for marker in _WRITER_FAILURES)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _remove_quietly(path: str) -> None:

@@ -12,6 +12,25 @@ import zlib
 import numpy as np
 import torch
 
+from models.errors import SettingsError
+
+# Seeds: NumPy's seed range (np.random.seed takes 0 .. 2**32 - 1), for every script's seed.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(value, what: str = "--seed") -> int:
+    """``value`` as a seed (a whole number within 0 .. SEED_MAX), or one SettingsError naming
+    ``what`` and the range."""
+    try:
+        seed = int(value)
+        whole = seed == value and not isinstance(value, bool)
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or not 0 <= seed <= SEED_MAX:
+        raise SettingsError(f"{what} {value}: a seed is a whole number within 0..{SEED_MAX}")
+    return seed
+
+
 def standard_noise(sample_num: int, batch: int, dim: int, seed: int | None = None,
                    generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:

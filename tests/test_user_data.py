@@ -525,6 +525,33 @@ def test_a_failing_checkpoint_save_is_one_line_and_leaves_the_old_file(small_mod
         checkpoint.atomic_save({"x": torch.zeros(3)}, str(tmp_path / "afile" / "last.pth"))
 
 
+def test_torch_save_failing_as_a_runtime_error_is_one_line(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as a RuntimeError (inline_container.cc),
+    not an OSError: the same one line, no file left; other RuntimeErrors are not hidden."""
+    import models.checkpoint as checkpoint
+    from models.errors import OutputError
+
+    def writer_fails(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", writer_fails)
+    path = tmp_path / "last.pth"
+    with pytest.raises(OutputError) as info:
+        checkpoint.atomic_save({"x": torch.zeros(3)}, str(path))
+    line = str(info.value)
+    assert "\n" not in line and str(path) in line and "free some space" in line
+    assert "inline_container.cc" in line and list(tmp_path.iterdir()) == []
+
+    def other(obj, handle, *args, **kwargs):
+        raise RuntimeError("a bug, not a full disk")
+
+    monkeypatch.setattr(checkpoint.torch, "save", other)
+    with pytest.raises(RuntimeError, match="a bug"):
+        checkpoint.atomic_save({"x": torch.zeros(3)}, str(path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_py_on_a_full_disk_is_one_line(tiny_files, tmp_path, monkeypatch, capsys):
     import models.checkpoint as checkpoint
     import train as train_script

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from models.noise import SEED_MAX
 from models.precision import PRECISIONS
 from models.spec import ACTIVATIONS, ModelSpec
 
@@ -49,6 +50,23 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A seed within 0 .. SEED_MAX (argparse type)."""
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number within 0..{SEED_MAX} (a "
+                                         f"seed), not {value}")
+    return value
+
+
+def port_int(text: str) -> int:
+    """A TCP port, 1 .. 65535 (argparse type)."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port within 1..65535, not {value}")
     return value
 
 
