@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from typing import Sequence
@@ -29,13 +28,15 @@ from tabulate import tabulate
 
 from models import AnomalyDetector
 from models.errors import SettingsError, UserError
-from dataset.files import is_output_folder
 from dataset.locks import folder_lock
+from dataset.outputs import check_writable, clear_own, kept_note
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, add_weight_arguments,
                        class_name_text, fail, interrupt_on_sigterm, model_request,
                        non_negative_float, positive_int, probability, seed_int)
-from utils.inference import (InputError, OnnxDetector, find_inputs, find_references,
-                             predict_folder, references_of)
+from utils.discovery import LeftOut, left_out_summary
+from utils.inference import (PICTURE_FOLDERS, PREDICTION_FILES, InputError, OnnxDetector,
+                             find_inputs, find_references, output_files, predict_folder,
+                             references_of)
 from utils.onnx_detector import providers_for, require_runtime
 from utils.misc import resolve_device, set_seed
 from utils.provenance import file_sha256, provenance
@@ -126,26 +127,6 @@ def load_onnx(args) -> OnnxDetector:
     return detector
 
 
-# What predict.py writes into --out (replaced by the next run into the same folder).
-OUTPUTS = ("overlays", "uncertainty", "predictions.csv", "predictions.json")
-
-
-def clear_previous_outputs(out: str) -> list[str]:
-    """Remove what an earlier predict.py wrote into ``out`` (a folder it marked), so that this
-    run's overlays and rows never mix with an older run's; returns what was removed."""
-    removed = []
-    for name in OUTPUTS:
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(name + ("/" if name in ("overlays", "uncertainty") else ""))
-    return removed
-
-
 def load_references(detector, paths: list[str], exif_transpose: bool):
     """The few-shot bank of the --reference images (each read by range and, as the scored
     images, turned upright by its EXIF orientation unless --ignore_exif; an unreadable one is
@@ -201,15 +182,19 @@ def run(args) -> dict:
                 if references else None)
         settings = {**vars(args), "model_spec": detector.spec.to_dict()}
     weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
-    earlier = is_output_folder(args.out)
     make_output_folder(args.out, "--out")
     with folder_lock(os.path.join(args.out, LOCK_FILE),
                      f"--out {args.out} is being written by another predict.py",
                      "no predict.py is running", OutputError):
-        if earlier:
-            replaced = clear_previous_outputs(args.out)
-            if replaced:
-                warn(f"replaced the previous run's {', '.join(replaced)} in {args.out}")
+        # nothing of the user's is written over; only the earlier run's own files go
+        check_writable(output_files(args.out, inputs, not args.no_overlay, args.uncertainty),
+                       "--out", args.out)
+        replaced, kept = clear_own([os.path.join(args.out, name)
+                                    for name in PREDICTION_FILES + PICTURE_FOLDERS], args.out)
+        if replaced:
+            warn(f"replaced the previous run's {len(replaced)} file(s) in {args.out}")
+        if kept:
+            warn(kept_note(kept, "--out", args.out))
         set_seed(args.seed)
         try:
             result = predict_folder(
@@ -314,7 +299,9 @@ def main(argv=None) -> int:
     s = result["summary"]
     skipped = f", {s['n_skipped']} skipped (unreadable)" if s["n_skipped"] else ""
     flagged = f", {s['n_anomalous']} anomalous" if result["threshold"]["value"] is not None else ""
-    print(f"{s['n_images']} images scored{flagged}{skipped}; results in "
+    left = left_out_summary([LeftOut(**e) for e in result["left_out"]])
+    left = f"; {left} (listed in predictions.json)" if left else ""
+    print(f"{s['n_images']} images scored{flagged}{skipped}{left}; results in "
           f"{result['files']['csv']} and {result['files']['json']}")
     return 0
 

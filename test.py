@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -24,8 +23,8 @@ from contextlib import ExitStack
 import torch
 
 from dataset.data import AnomalyDataset, make_loader
-from dataset.files import is_output_folder
 from dataset.locks import folder_lock
+from dataset.outputs import check_apart, check_writable, clear_own, kept_note
 from dataset.registry import dataset_info
 from dataset.shots import draw_references
 from models import AnomalyDetector
@@ -37,6 +36,7 @@ from utils.cli import (DEFAULT_CHECKPOINT, DEFAULT_CLIP, WORKERS_HELP, Parser,
                        seed_int)
 from utils.distributed_eval import ClassShards, agree
 from utils.evaluate import evaluate_runs, reference_banks, run_label
+from utils.pictures import picture_names
 from utils.provenance import class_counts, data_record, provenance
 from utils.results import OutputError, make_output_folder, run_name, write_runs
 from utils.misc import log_to_files, resolve_device, set_seed, setup_logging
@@ -170,16 +170,23 @@ def prepare(args, device, held: ExitStack) -> tuple:
     shot_seeds = list(dict.fromkeys(args.shot_seeds)) if args.k_shot else []
     drawn = (draw_references(args.data_path, args.dataset, dataset.class_names, args.k_shot,
                              shot_seeds) if args.k_shot else None)
+    # outputs apart from the data: no picture or result lands on a dataset's file
+    check_apart(args.save_path, "--save_path", [("--data_path", args.data_path)],
+                [("the meta file", path) for sample in dataset.samples
+                 for path in (sample["img_path"], sample["mask_path"]) if path])
     replaced: list[str] = []
     if distributed.is_main():
-        earlier = is_output_folder(args.save_path)      # an earlier run's folder
         make_output_folder(args.save_path)
         held.enter_context(folder_lock(
             os.path.join(args.save_path, LOCK_FILE),
             f"--save_path {args.save_path} is being written by another test.py",
             "no test.py is running", OutputError))
-        replaced = clear_previous_outputs(args.save_path, args.dataset,
-                                          dataset.class_names if earlier else [])
+        check_writable(planned_outputs(args, dataset, seeds, shot_seeds), "--save_path",
+                       args.save_path)
+        replaced, kept = clear_previous_outputs(args, dataset.class_names)
+        if kept:
+            logging.getLogger("bayes_pfl").warning("%s", kept_note(kept, "--save_path",
+                                                                  args.save_path))
     return detector, dataset, seeds, shot_seeds, drawn, device, replaced
 
 
@@ -206,7 +213,7 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced
     workers = args.num_workers if args.num_workers is not None else default_workers()
     loader = make_loader(dataset, batch_size=args.batch_size, shuffle=False,
                          num_workers=workers, seed=seeds[0], sampler=sampler)
-    vis_dir = None if args.no_vis else os.path.join(args.save_path, "imgs")
+    vis_dir = None if args.no_vis else picture_folder(args)
     settings = {**vars(args), "seeds": seeds, "shot_seeds": shot_seeds, "stage": detector.stage,
                 "model_spec": detector.spec.to_dict(), "fewshot_weight": detector.fewshot_weight,
                 "processes": world}
@@ -249,24 +256,38 @@ def evaluate(args, detector, dataset, seeds, shot_seeds, drawn, device, replaced
     return 0
 
 
-def clear_previous_outputs(save_path: str, dataset: str, classes) -> list[str]:
-    """Remove what an earlier test.py run of ``dataset`` wrote into ``save_path`` (its result
+def planned_outputs(args, dataset: AnomalyDataset, seeds, shot_seeds) -> list[str]:
+    """Every file this run may write into --save_path (result files complete and incomplete,
+    the log, the pictures), so that none of the user's is written over."""
+    keys = [(s, t) for s in seeds for t in shot_seeds] if shot_seeds else list(seeds)
+    names = [f"results_{args.dataset}"] + ([run_name(k, args.dataset) for k in keys]
+                                           if len(keys) > 1 else [])
+    files = [os.path.join(args.save_path, name + suffix + ext) for name in names
+             for suffix in ("", INCOMPLETE) for ext in (".csv", ".json")]
+    files.append(os.path.join(args.save_path, f"test_{args.dataset}.log"))
+    if not args.no_vis:
+        pictures = picture_folder(args)
+        files += [os.path.join(pictures, name)
+                  for name in picture_names(dataset.samples).values()]
+    return files
+
+
+def picture_folder(args) -> str:
+    """The pictures of a dataset: <save_path>/imgs/<dataset>/<class>/<specie>/."""
+    return os.path.join(args.save_path, "imgs", args.dataset)
+
+
+def clear_previous_outputs(args, classes) -> tuple[list[str], list[str]]:
+    """Remove what an earlier test.py run of this dataset wrote into --save_path (its result
     files, complete or incomplete, its log, and the pictures of ``classes``, the classes
-    evaluated now), so that this run's files never mix with an older run's. Returns what was
-    removed."""
-    removed = []
-    pattern = re.compile(rf"^(seed-?\d+_(shot-?\d+_)?)?results_{re.escape(dataset)}"
+    evaluated now), so that this run's files never mix with an older run's; only files that
+    carry the project's marker go (dataset.outputs). Returns (removed, kept)."""
+    pattern = re.compile(rf"^(seed-?\d+_(shot-?\d+_)?)?results_{re.escape(args.dataset)}"
                          rf"({re.escape(INCOMPLETE)})?\.(csv|json)$")
-    for name in sorted(os.listdir(save_path)):
-        if pattern.match(name) or name == f"test_{dataset}.log":
-            os.remove(os.path.join(save_path, name))
-            removed.append(name)
-    for name in classes:
-        pictures = os.path.join(save_path, "imgs", name)
-        if os.path.isdir(pictures):
-            shutil.rmtree(pictures)
-            removed.append(f"imgs/{name}/")
-    return removed
+    paths = [os.path.join(args.save_path, name) for name in sorted(os.listdir(args.save_path))
+             if pattern.match(name) or name == f"test_{args.dataset}.log"]
+    paths += [os.path.join(picture_folder(args), name) for name in classes]
+    return clear_own(paths, args.save_path)
 
 
 def write_all(args, runs: dict, settings: dict, extra: dict, pending: list[str]) -> dict:

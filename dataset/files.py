@@ -24,8 +24,10 @@ from models.filekind import file_kind  # noqa: F401  (re-exported: one definitio
 
 PathLike = Union[str, os.PathLike]
 
-# Extensions read as images, compared in lower case.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Extensions read as images, compared in lower case: the still-image formats Pillow reads
+# (JPEG's other names, GIF's first frame, the Netpbm family, TGA included).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff",
+                    ".webp", ".gif", ".pgm", ".ppm", ".pbm", ".pnm", ".tga")
 
 
 # The marker file of an output folder, and the sub-folders where the scripts write pictures.

@@ -48,14 +48,40 @@ def write_sized(path: Path, width: int, height: int, grey: bool = False, value: 
 # ----------------------------------------------------------------------------- one of each
 
 def test_one_image_extension_list(tmp_path):
-    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib",
+                                ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".pbm",
+                                ".pnm", ".tga")
     assert common.IMAGE_EXTS is IMAGE_EXTENSIONS
     assert all(is_image_file(name) for name in ("a.png", "B.JPG", "c.Jpeg", "d.BMP", "e.tif",
-                                                "f.TIFF", "g.webp", Path("h/i.WebP")))
-    assert not any(is_image_file(name) for name in ("a.txt", "png", ".png", "a.png.txt", "b.gif"))
+                                                "f.TIFF", "g.webp", Path("h/i.WebP"), "j.pgm",
+                                                "k.GIF", "l.jfif"))
+    assert not any(is_image_file(name) for name in ("a.txt", "png", ".png", "a.png.txt",
+                                                    "b.svg", "c.heic"))
     for name in ("a.WEBP", "b.png", "notes.txt", ".c.png"):
         touch(tmp_path / name)
     assert [p.name for p in list_files(tmp_path)] == ["a.WEBP", "b.png"]
+
+
+def test_every_image_extension_is_read_as_an_image(tmp_path):
+    """Each extension of the list is a format Pillow writes and the readers read: the same
+    pixels back (lossless formats) or the same size (JPEG)."""
+    from PIL import Image
+
+    from models.imaging import read_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    formats = {".jpe": "JPEG", ".jfif": "JPEG", ".dib": "BMP", ".pgm": "PPM", ".pbm": "PPM",
+               ".pnm": "PPM"}
+    for ext in IMAGE_EXTENSIONS:
+        path = tmp_path / f"image{ext}"
+        mode = {".pgm": "L", ".pbm": "1"}.get(ext, "P" if ext == ".gif" else "RGB")
+        image = Image.fromarray(rgb).convert(mode)
+        image.save(path, format=formats.get(ext))
+        read = read_image(str(path))
+        assert read.size == (5, 6), ext
+        if ext not in (".jpg", ".jpeg", ".jpe", ".jfif", ".webp"):
+            assert np.array_equal(np.asarray(read.convert("RGB")),
+                                  np.asarray(image.convert("RGB"))), ext
 
 
 def test_files_module_needs_the_standard_library_only():

@@ -57,9 +57,9 @@ def test_folder_rows_overlays_csv_json(tiny_files, tmp_path, capsys):
     for i, (rel, (h, w)) in enumerate(sizes.items()):
         save(rgb(i, h, w), src / rel)
     (src / "metal_nut" / "notes.txt").write_text("not an image")
-    out = src / "predictions"           # inside the input: left out of the search
+    out = tmp_path / "predictions"
 
-    for _ in range(2):                  # the second run must not pick up the first's overlays
+    for _ in range(2):                  # the second run replaces the first's files
         assert predict.main([*weights(tiny_files), *TINY, "--input", str(src),
                              "--out", str(out)]) == 0
         result, rows = read_outputs(out)
@@ -67,6 +67,11 @@ def test_folder_rows_overlays_csv_json(tiny_files, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "4 images scored" in printed and "no threshold" in printed
+    # every file under the input is accounted for: the text file is listed as left out
+    assert "1 left out: 1 not an image file" in printed
+    assert result["left_out"] == [{"path": str(src / "metal_nut" / "notes.txt"),
+                                   "reason": "not an image file (extension .txt)"}]
+    assert result["summary"]["n_left_out"] == 1
     assert result["threshold"] == {"method": "none", "value": None}
     assert result["skipped"] == [] and result["summary"]["n_images"] == 4
     expected_class = {"metal_nut/000.png": "metal_nut", "metal_nut/001.PNG": "metal_nut",

@@ -21,6 +21,7 @@ import predict
 import test as test_script
 import utils.evaluate as evaluate
 import utils.inference as inference
+from models import AnomalyDetector
 from utils.cli import interrupt_on_sigterm
 from tests.clip_factory import TINY_LAYERS
 
@@ -152,12 +153,14 @@ def test_two_test_py_runs_never_share_a_folder(tiny_files, synth_root, tmp_path,
 def test_a_rerun_replaces_the_earlier_runs_pictures_and_log(tiny_files, synth_root, tmp_path):
     out = tmp_path / "res"
     assert _test_py(tiny_files, synth_root, out, "--classes", "pill", "wood") == 0
-    assert (out / "imgs" / "pill").is_dir() and (out / "imgs" / "wood").is_dir()
-    (out / "imgs" / "pill" / "stale.png").write_bytes(b"an older run's picture")
+    pictures = out / "imgs" / "synth"
+    assert (pictures / "pill").is_dir() and (pictures / "wood").is_dir()
+    (pictures / "pill" / "notes.png").write_bytes(b"the user's file, no marker")
     first_log = (out / "test_synth.log").read_text()
     assert _test_py(tiny_files, synth_root, out, "--classes", "pill", "--no_vis") == 0
-    assert not (out / "imgs" / "pill").exists()          # this run draws no pictures of pill
-    assert (out / "imgs" / "wood").is_dir()               # a class not evaluated now is kept
+    # this run draws no pictures of pill: the earlier run's are gone, the user's file stays
+    assert [p.name for p in (pictures / "pill").rglob("*") if p.is_file()] == ["notes.png"]
+    assert (pictures / "wood").is_dir()                   # a class not evaluated now is kept
     log = (out / "test_synth.log").read_text()
     assert log.count("arguments:") == 1 and log != first_log
     assert "replaced the previous run's outputs" in log
@@ -253,7 +256,7 @@ def test_a_predict_rerun_replaces_its_overlays_and_two_never_share_a_folder(tiny
                     "--class_name", "pill", "--out", str(out)) == 0
     assert [p.name for p in (out / "overlays").glob("*.png")] == ["10.png"]
     assert len(_rows(out)) == 1
-    assert "replaced the previous run's overlays/" in capsys.readouterr().err
+    assert "replaced the previous run's 5 file(s)" in capsys.readouterr().err
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".predict.lock").write_text(f"{holder.pid} {os.uname().nodename}\n")
@@ -293,14 +296,22 @@ def test_predict_py_bad_flags_are_one_line(tiny_files, tmp_path, capsys, extra, 
 
 
 def test_calibration_never_flags_its_own_images(tiny_files, tmp_path, capsys):
+    """The percentile-100 threshold is the largest good score, and the rule is strictly
+    above it: a calibration image is never flagged. The same file as an image to score and a
+    calibration image is refused in one line (the threshold must come from other images)."""
     good = _images(tmp_path / "good", 1, start=3)
     out = tmp_path / "out"
     assert _predict(tiny_files, "--input", good, "--class_name", "pill", "--calibrate", good,
-                    "--out", str(out), "--no_overlay") == 0
-    result = json.loads((out / "predictions.json").read_text())
-    (row,) = result["predictions"]
-    assert row["score"] == result["threshold"]["value"]          # its own score ...
-    assert row["decision"] == "normal"                           # ... is not above it
-    assert "calibrating on 1 good image(s) only" in capsys.readouterr().err
+                    "--out", str(out), "--no_overlay") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is both an image to score (--input) and a known-good" in err[0]
+    assert not out.exists()
+    clip_path, ckpt_path = tiny_files
+    det = AnomalyDetector.from_files(clip_path, ckpt_path, image_size=32, device="cpu",
+                                     sample_num=2, layers=[1, 2, 3, 4])
+    paths = [os.path.join(good, "3.png")]
+    score = inference.predict_images(det, paths, "pill", seed=111)[0]["score"]
+    threshold = inference.calibrate_threshold([score], 100.0)
+    assert threshold == score and inference.decide(score, threshold) == "normal"
     assert inference.decide(0.5, 0.5) == "normal" and inference.decide(0.5000001, 0.5) \
         == "anomalous"

@@ -7,7 +7,8 @@ device named ``x.png`` would block the reader or never end. Pictures an earlier 
 picture sub-folders of an output folder, ``dataset.files.OUTPUT_PICTURE_DIRS``) are never
 yielded either, however they are named: by a folder above them, a glob or the file's own path.
 A named file or folder that gives nothing for one of these reasons is reported by
-:func:`why_no_images`.
+:func:`why_no_images`; every other file under a named folder that is not scored is listed with
+its reason (:class:`LeftOut`), so that each file under the inputs is accounted for.
 """
 
 from __future__ import annotations
@@ -34,29 +35,67 @@ def folder_class_name(path: str) -> str:
     return os.path.basename(os.path.dirname(os.path.abspath(path))) or "object"
 
 
+class LeftOut(NamedTuple):
+    """A file (or a folder, for all the files under it) under an input that is not scored,
+    and why."""
+    path: str
+    reason: str
+
+
 def _inside(path: str, folders: Sequence[str]) -> bool:
     real = os.path.realpath(path)
     return any(real == f or real.startswith(f + os.sep) for f in folders)
 
 
-def _walk_images(root: str, exclude: Sequence[str]) -> list[str]:
-    """Regular image files under ``root`` (recursively, sorted; hidden entries, ``exclude``
-    folders and the picture sub-folders of output folders left out)."""
-    if output_pictures_holding(root) is not None:
+def _not_an_image(name: str) -> str:
+    ext = os.path.splitext(name)[1]
+    return (f"not an image file (extension {ext})" if ext else
+            "not an image file (no extension)")
+
+
+def _walk_images(root: str, exclude: Sequence[str], left_out: list[LeftOut]) -> list[str]:
+    """Regular image files under ``root`` (recursively, sorted; links to folders followed,
+    each real folder searched once); everything else under it goes to ``left_out`` with its
+    reason: hidden entries, files that are not images or not regular files, ``exclude``
+    folders and the pictures of an earlier run (the picture sub-folders of output folders)."""
+    pictures = output_pictures_holding(root)
+    if pictures is not None:
+        left_out.append(LeftOut(root, f"an earlier run's pictures (in {pictures})"))
         return []
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    searched = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         marked = OUTPUT_MARKER in filenames                # an output folder: skip its pictures
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (marked and d in OUTPUT_PICTURE_DIRS)
-                             and not _inside(os.path.join(dirpath, d), exclude))
+        keep = []
+        for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            real = os.path.realpath(path)
+            if d.startswith("."):
+                left_out.append(LeftOut(path, "a hidden folder (not searched)"))
+            elif marked and d in OUTPUT_PICTURE_DIRS:
+                left_out.append(LeftOut(path, "an earlier run's pictures"))
+            elif _inside(path, exclude):
+                left_out.append(LeftOut(path, "an output folder of this run"))
+            elif real in searched:
+                left_out.append(LeftOut(path, "a link to a folder searched already"))
+            else:
+                searched.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            if name.startswith(".") or not is_image_file(name) or not os.path.isfile(path):
-                continue
-            if os.path.islink(path) and output_pictures_holding(path) is not None:
-                continue                                   # a link to an earlier run's picture
-            found.append(path)
+            if name.startswith("."):
+                if not (marked and name == OUTPUT_MARKER):
+                    left_out.append(LeftOut(path, "a hidden file"))
+            elif not os.path.isfile(path):
+                kind = file_kind(path)
+                left_out.append(LeftOut(path, f"not a regular file but a {kind}"))
+            elif not is_image_file(name):
+                left_out.append(LeftOut(path, _not_an_image(name)))
+            elif os.path.islink(path) and output_pictures_holding(path) is not None:
+                left_out.append(LeftOut(path, "a link to an earlier run's picture"))
+            else:
+                found.append(path)
     return found
 
 
@@ -79,21 +118,25 @@ def _glob_root(pattern: str) -> str:
     return root or "."
 
 
-def expand_input(spec: str, exclude: Sequence[str] = ()) -> list[tuple[str, str]]:
+def expand_input(spec: str, exclude: Sequence[str] = (),
+                 left_out: list[LeftOut] | None = None) -> list[tuple[str, str]]:
     """One --input value -> [(image path, path relative to the input)].
 
     A regular file is taken as it is (whatever its extension: it was named on purpose), unless
     an earlier run wrote it (a picture of an output folder); a folder is searched recursively
-    for image extensions (case-insensitive); anything else is a glob pattern (``**`` allowed),
-    whose matching folders are searched as folders are. Any other kind of entry (a FIFO, a
-    socket, a device) gives nothing and is never opened."""
+    for image extensions (case-insensitive), links to folders followed; anything else is a
+    glob pattern (``**`` allowed), whose matching folders are searched as folders are and
+    whose matching files are taken when they have an image extension. Any other kind of entry
+    (a FIFO, a socket, a device) gives nothing and is never opened. What a folder holds besides
+    its images, and the files a pattern matches that are not images, go to ``left_out``."""
     exclude = [os.path.realpath(e) for e in exclude]
+    left_out = [] if left_out is None else left_out
     if os.path.isfile(spec):
         return [(spec, os.path.basename(spec))] if _readable_file(spec) else []
     if os.path.exists(spec) and not os.path.isdir(spec):
         return []
     if os.path.isdir(spec):
-        return [(p, os.path.relpath(p, spec)) for p in _walk_images(spec, exclude)]
+        return [(p, os.path.relpath(p, spec)) for p in _walk_images(spec, exclude, left_out)]
     if not glob.has_magic(spec):
         return []
     root = _glob_root(spec)
@@ -102,21 +145,32 @@ def expand_input(spec: str, exclude: Sequence[str] = ()) -> list[tuple[str, str]
         if _inside(match, exclude):
             continue
         if os.path.isdir(match):
-            found.extend((p, os.path.relpath(p, root)) for p in _walk_images(match, exclude))
-        elif is_image_file(match) and _readable_file(match):
+            found.extend((p, os.path.relpath(p, root))
+                         for p in _walk_images(match, exclude, left_out))
+        elif not _readable_file(match):
+            pictures = output_pictures_holding(match)
+            left_out.append(LeftOut(match, "an earlier run's picture" if pictures else
+                                    f"not a regular file but a {file_kind(match)}"))
+        elif is_image_file(match):
             found.append((match, os.path.relpath(match, root)))
+        else:
+            left_out.append(LeftOut(match, _not_an_image(match)))
     return found
 
 
 def collect_images(inputs: Sequence[str], class_name: str | None = None,
                    exclude: Sequence[str] = (),
-                   on_unmatched: Callable[[str], None] | None = None) -> list[ImageItem]:
+                   on_unmatched: Callable[[str], None] | None = None,
+                   left_out: list[LeftOut] | None = None) -> list[ImageItem]:
     """The images named by ``inputs`` (files, folders, glob patterns), each file once, in the
     order found. ``class_name`` None: each image's parent folder name. ``on_unmatched`` is
-    called with each input that names no image."""
+    called with each input that names no image; ``left_out`` receives every other file under
+    the inputs that is not scored, with its reason (:class:`LeftOut`; a file named twice is
+    scored once and not listed)."""
     items, seen = [], set()
+    left: list[LeftOut] = []
     for spec in inputs:
-        found = expand_input(spec, exclude)
+        found = expand_input(spec, exclude, left)
         if not found and on_unmatched is not None:
             on_unmatched(spec)
         for path, rel in found:
@@ -125,7 +179,26 @@ def collect_images(inputs: Sequence[str], class_name: str | None = None,
                 continue
             seen.add(key)
             items.append(ImageItem(path, class_name or folder_class_name(path), rel))
+    if left_out is not None:
+        done = set()
+        for entry in left:
+            if entry.path not in done:
+                done.add(entry.path)
+                left_out.append(entry)
     return items
+
+
+def left_out_summary(left_out: Sequence[LeftOut]) -> str:
+    """"3 left out: 2 not an image file (extension .txt), 1 a hidden file": the counts by
+    reason, most frequent first ("" when nothing was left out)."""
+    if not left_out:
+        return ""
+    counts: dict[str, int] = {}
+    for entry in left_out:
+        reason = entry.reason.split(" (")[0]
+        counts[reason] = counts.get(reason, 0) + 1
+    parts = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{len(left_out)} left out: " + ", ".join(f"{n} {why}" for why, n in parts)
 
 
 def overlay_names(items: Sequence[ImageItem]) -> list[str]:

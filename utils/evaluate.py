@@ -18,7 +18,7 @@ from models.noise import RunNoise
 from utils.checks import mask_warnings
 from utils.distributed import is_main
 from utils.distributed_eval import ClassShards, for_each_class
-from utils.pictures import PictureWriter
+from utils.pictures import PictureWriter, picture_names
 from utils.protocol import COLUMNS, evaluate_class, gaussian_smooth
 from utils.provenance import class_counts
 from utils.results import write_results
@@ -294,7 +294,9 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
         outputs = next(iter(part.values()))
         if smoothed is None:                      # this rank's share of the class
             smoothed = gaussian_smooth(torch.from_numpy(outputs.maps)).numpy()
-        writer = writer or PictureWriter(vis_dir, detector.image_size)
+        samples = getattr(loader.dataset, "samples", None)
+        writer = writer or PictureWriter(vis_dir, detector.image_size,
+                                         names=picture_names(samples) if samples else None)
         writer.submit(outputs, smoothed, threshold, colour_range)
 
     local = iterate_runs(detector, loader, seeds, progress,

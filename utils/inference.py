@@ -22,6 +22,7 @@ both in [0, 1]. The official per-class min-max needs a whole test set and is not
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -36,13 +37,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.files import IMAGE_EXTENSIONS
+from dataset.outputs import WRITTEN_BY, check_apart, check_writable
 from models.detector import AnomalyDetector
 from models.errors import InputError
 from models.fewshot import ReferenceBank
 from models.imaging import preprocess, preprocess_image, to_pil_image
 from models.noise import shared_noise
-from utils.discovery import (ImageItem, collect_images, group_by_class, overlay_names,
-                             why_no_images)
+from utils.discovery import (ImageItem, LeftOut, collect_images, group_by_class,
+                             left_out_summary, overlay_names, why_no_images)
 from utils.onnx_detector import OnnxDetector
 from utils.protocol import gaussian_smooth, topk_for_class
 from utils.results import OutputError, write_text
@@ -322,28 +324,55 @@ def _scored(detector, items, batch_size, desc, progress, skipped, seed=None,
 
 @dataclass
 class Inputs:
-    """What the inputs name: the images to score, the known-good images to calibrate on, and
-    the inputs that named no image, each with the reason."""
+    """What the inputs name: the images to score, the known-good images to calibrate on, the
+    inputs that named no image (each with the reason), and every other file under the inputs
+    (and the calibration folder) that is not scored, with its reason."""
     items: list[ImageItem]
     calibration: list[ImageItem] = field(default_factory=list)
     unmatched: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+    calibration_left_out: list[LeftOut] = field(default_factory=list)
 
 
-def _own_pictures(out: str | None) -> list[str]:
-    """The picture folders predict.py writes under ``out``: never read as inputs."""
-    return [os.path.join(out, folder) for folder in ("overlays", "uncertainty")] if out else []
+def _input_places(flag: str, specs: Sequence[str]) -> tuple[list, list]:
+    """(folders, files) that ``specs`` (files, folders, glob patterns) read, as (flag, path)."""
+    folders, files = [], []
+    for spec in specs:
+        matches = [spec] if os.path.exists(spec) or not glob.has_magic(spec) else \
+            glob.glob(spec, recursive=True)
+        for path in matches:
+            if os.path.isdir(path):
+                folders.append((flag, path))
+            elif os.path.lexists(path):
+                files.append((flag, path))
+    return folders, files
+
+
+def check_out_apart(out: str, named: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """One OutputError when the output folder ``out`` overlaps what ``named`` ((flag, specs)
+    pairs: --input, --calibrate, --reference) reads: a folder inside it or holding it, a file
+    inside it (dataset.outputs.check_apart)."""
+    folders, files = [], []
+    for flag, specs in named:
+        more_folders, more_files = _input_places(flag, specs)
+        folders += more_folders
+        files += more_files
+    check_apart(out, "--out", folders, files)
 
 
 def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str | None = None,
                 calibrate: str | None = None) -> Inputs:
-    """The images named by ``inputs`` (files, folders, glob patterns; the overlays written
-    under ``out`` left out, so that ``out`` may lie inside an input folder), grouped class by
-    class; ``class_name`` None: each image's folder name. Raises InputError when nothing is
-    found (in the inputs or the calibration folder)."""
-    exclude = _own_pictures(out)
+    """The images named by ``inputs`` (files, folders, glob patterns), grouped class by class;
+    ``class_name`` None: each image's folder name. ``out`` (the output folder) must lie apart
+    from every input (:func:`check_out_apart`). Raises InputError when nothing is found (in
+    the inputs or the calibration folder)."""
+    if out is not None:
+        check_out_apart(out, [("--input", inputs)] + ([("--calibrate", [calibrate])]
+                                                      if calibrate is not None else []))
     unmatched: list[str] = []
-    items = group_by_class(collect_images(inputs, class_name, exclude,
-                                          on_unmatched=unmatched.append))
+    left_out: list[LeftOut] = []
+    items = group_by_class(collect_images(inputs, class_name, on_unmatched=unmatched.append,
+                                          left_out=left_out))
     reasons = [(spec, why_no_images(spec)) for spec in unmatched]
     if not items:
         said = "; ".join(f"'{spec}': {why}" for spec, why in reasons)
@@ -351,19 +380,35 @@ def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str |
                          f"({', '.join(IMAGE_EXTENSIONS)}), folders holding them or glob "
                          "patterns")
     calibration: list[ImageItem] = []
+    calibration_left_out: list[LeftOut] = []
     if calibrate is not None:
-        calibration = group_by_class(collect_images([calibrate], class_name, exclude))
+        calibration = group_by_class(collect_images([calibrate], class_name,
+                                                    left_out=calibration_left_out))
         if not calibration:
-            raise InputError(f"no images found in the calibration folder '{calibrate}'")
-    return Inputs(items, calibration, reasons)
+            raise InputError(f"no images found in the calibration folder '{calibrate}' "
+                             f"({why_no_images(calibrate)})")
+        scored = {os.path.realpath(i.path) for i in items}
+        both = [i.path for i in calibration if os.path.realpath(i.path) in scored]
+        if both:
+            raise InputError(f"{both[0]} is both an image to score (--input) and a known-good "
+                             f"calibration image (--calibrate){_more(both)}: the threshold must "
+                             f"come from other images; give --calibrate a folder of other good "
+                             f"images")
+    return Inputs(items, calibration, reasons, left_out, calibration_left_out)
+
+
+def _more(paths: Sequence[str]) -> str:
+    return f", and {len(paths) - 1} more" if len(paths) > 1 else ""
 
 
 def find_references(references: Sequence[str], out: str | None = None) -> list[str]:
     """The image files named by ``references`` (files, folders, globs, as ``--input``); an
-    InputError when they name none."""
-    exclude = _own_pictures(out)
+    InputError when they name none. ``out``: the output folder, which must lie apart from
+    them."""
+    if out is not None:
+        check_out_apart(out, [("--reference", references)])
     unmatched: list[str] = []
-    found = [item.path for item in collect_images(references, "reference", exclude,
+    found = [item.path for item in collect_images(references, "reference",
                                                   on_unmatched=unmatched.append)]
     if unmatched or not found:
         said = "; ".join(f"'{spec}': {why_no_images(spec)}" for spec in unmatched) or \
@@ -388,21 +433,25 @@ def prediction_row(path: str, class_name: str, image: Image.Image, res: dict,
 
 
 def predictions_record(status: str, threshold: dict, rows: list[dict], skipped: list[dict],
-                       n_not_scored: int, references: dict | None, settings: dict) -> dict:
+                       n_not_scored: int, references: dict | None, settings: dict,
+                       left_out: Sequence[LeftOut] = ()) -> dict:
     """What predictions.json holds (before any provenance): the run's status, its threshold
-    record, the counts, the score's definition, the references, the settings, the rows and the
-    skipped files."""
+    record, the counts, the score's definition, the references, the settings, the rows, the
+    skipped files (unreadable) and the files under the inputs left out (with the reason)."""
     return {
+        "written_by": WRITTEN_BY,
         "status": status,
         "threshold": threshold,
         "summary": {"n_images": len(rows),
                     "n_anomalous": sum(r["decision"] == "anomalous" for r in rows),
-                    "n_skipped": len(skipped), "n_not_scored": n_not_scored},
+                    "n_skipped": len(skipped), "n_not_scored": n_not_scored,
+                    "n_left_out": len(left_out)},
         "score": SCORE_DEFINITION,
         "references": references,
         "settings": settings,
         "predictions": rows,
         "skipped": skipped,
+        "left_out": [{"path": e.path, "reason": e.reason} for e in left_out],
     }
 
 
@@ -417,6 +466,19 @@ def _references_record(detector, bank: ReferenceBank | None) -> dict | None:
                 "paths": list(detector.metadata.get("reference_paths", [])),
                 "fewshot_weight": detector.fewshot_weight, "baked_into": detector.path}
     return None
+
+
+PREDICTION_FILES = ("predictions.csv", "predictions.json")
+PICTURE_FOLDERS = ("overlays", "uncertainty")
+
+
+def output_files(out: str, inputs: Inputs, overlays: bool = True,
+                 uncertainty: bool = False) -> list[str]:
+    """Every file predict_folder writes into ``out`` for ``inputs``."""
+    names = overlay_names(inputs.items) if overlays else []
+    folders = ["overlays"] + (["uncertainty"] if uncertainty else [])
+    return [os.path.join(out, name) for name in PREDICTION_FILES] + [
+        os.path.join(out, folder, name) for folder in folders for name in names]
 
 
 def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
@@ -443,6 +505,7 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
     as far as the run went and marked ``"status": "interrupted"`` in the JSON, then re-raises."""
     if not isinstance(inputs, Inputs):
         inputs = find_inputs(inputs, out, class_name, calibrate)
+    check_writable(output_files(out, inputs, overlays, uncertainty), "--out", out)
     bank = references_of(detector, references, exif_transpose)
     skipped: list[dict] = []
     chosen: dict = {"method": "none", "value": None}
@@ -475,7 +538,8 @@ def predict_folder(detector, inputs: Inputs | Sequence[str], out: str,
         return {**predictions_record(status, chosen, rows, skipped,
                                      len(inputs.items) - len(rows) - len(skipped),
                                      _references_record(detector, bank),
-                                     {**(settings or {}), "stage": detector.stage}),
+                                     {**(settings or {}), "stage": detector.stage},
+                                     inputs.left_out + inputs.calibration_left_out),
                 **(extra() if extra else {})}
 
     try:

@@ -23,6 +23,7 @@ traceback, a worker that died (killed) as one line; nothing waits on a dead work
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import pickle
@@ -32,7 +33,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -69,20 +70,45 @@ class PictureJob:
                                                                            width).view(bool)
 
 
+def picture_names(samples: Sequence[dict]) -> dict[str, str]:
+    """{image path: picture path relative to the pictures' folder} for a dataset's samples
+    (``img_path``, ``cls_name``, ``specie_name``): ``<class>/<specie>/<image stem>.png``, and
+    where two images of one class and specie share a stem (in any case: folders in other
+    sub-folders, or other extensions) ``<stem>_<8 hex digits of the path's SHA-1>.png`` for
+    each of them, so that no picture replaces another. A function of the whole list, the same
+    in every process."""
+    groups: dict[tuple, set] = {}
+    for sample in samples:
+        path = sample["img_path"]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        groups.setdefault((sample["cls_name"], sample["specie_name"], stem.lower()),
+                          set()).add(path)
+    names = {}
+    for (cls, specie, _), paths in groups.items():
+        for path in paths:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if len(paths) > 1:
+                stem += "_" + hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            names[path] = os.path.join(cls, specie, stem + ".png")
+    return names
+
+
 def class_jobs(outputs, smoothed: np.ndarray, threshold: float | None, out_dir: str,
-               colour_range: tuple[float, float] | None = None) -> Iterator[PictureJob]:
+               colour_range: tuple[float, float] | None = None,
+               names: Mapping[str, str] | None = None) -> Iterator[PictureJob]:
     """The jobs of one class: ``outputs`` (utils.evaluate.ClassOutputs: paths, species,
-    masks [n, S, S], maps_std), ``smoothed`` [n, S, S]; pictures go to
-    ``out_dir/<class>/<specie>/<image stem>.png``. ``colour_range`` (lo, hi): the class's
-    range when ``outputs`` hold only part of it (one process's share), else that of
-    ``smoothed``."""
+    masks [n, S, S], maps_std), ``smoothed`` [n, S, S]; pictures go to ``out_dir/<name>``,
+    the name ``names[image path]`` (:func:`picture_names`) or else
+    ``<class>/<specie>/<image stem>.png``. ``colour_range`` (lo, hi): the class's range when
+    ``outputs`` hold only part of it (one process's share), else that of ``smoothed``."""
     lo, hi = (float(smoothed.min()), float(smoothed.max())) if colour_range is None \
         else colour_range
     spreads = outputs.maps_std
     for i, path in enumerate(outputs.paths):
         stem = os.path.splitext(os.path.basename(path))[0]
-        yield PictureJob(path, os.path.join(out_dir, outputs.name, outputs.species[i],
-                                            stem + ".png"),
+        name = (names or {}).get(path) or os.path.join(outputs.name, outputs.species[i],
+                                                        stem + ".png")
+        yield PictureJob(path, os.path.join(out_dir, name),
                          np.ascontiguousarray(smoothed[i], dtype=np.float32),
                          np.packbits(outputs.masks[i]), threshold, lo, hi,
                          None if spreads is None else spreads[i])
@@ -135,12 +161,14 @@ class PictureWriter:
     many classes' arrays are held meanwhile); a thread of the main process splits them into
     per-image jobs for a queue of at most ``queue_size`` images (default 2 per worker).
     ``save(path, rgb)`` writes one picture (default ``utils.visualize.save_rgb``; it must be
-    importable by the workers)."""
+    importable by the workers); ``names``: see :func:`class_jobs`."""
 
     def __init__(self, out_dir: str, image_size: int, workers: int | None = None,
                  queue_size: int | None = None, pending_classes: int = 2,
-                 save: Callable[[str, np.ndarray], None] | None = None):
+                 save: Callable[[str, np.ndarray], None] | None = None,
+                 names: Mapping[str, str] | None = None):
         self.out_dir = out_dir
+        self.names = names
         self.image_size = image_size
         workers = default_picture_workers() if workers is None else workers
         if workers < 1:
@@ -232,7 +260,8 @@ class PictureWriter:
                 if item is None:
                     break
                 outputs, smoothed, threshold, colour_range = item
-                for job in class_jobs(outputs, smoothed, threshold, self.out_dir, colour_range):
+                for job in class_jobs(outputs, smoothed, threshold, self.out_dir, colour_range,
+                                      self.names):
                     self._put(job)
                 del item
             for _ in self._workers:

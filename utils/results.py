@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from dataset.files import mark_output_folder, write_text_atomic
+from dataset.outputs import WRITTEN_BY
 from models.errors import OutputError
 from utils.protocol import COLUMNS, mean_row_of, summarise
 
@@ -127,8 +128,8 @@ def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
     for key, row in every.items():
         w.writerow([key] + ["" if row.get(c) is None else f"{row[c]:.6f}" for c in columns])
     write_text(os.path.join(save_path, f"{name}.csv"), text.getvalue())
-    result = {"dataset": dataset_name, "classes": rows, "mean": mean_row,
-              "settings": settings or {}}
+    result = {"written_by": WRITTEN_BY, "dataset": dataset_name, "classes": rows,
+              "mean": mean_row, "settings": settings or {}}
     if spreads is not None:
         result.update(std=spreads, mean_std=mean_spread)
     result.update(extra or {})

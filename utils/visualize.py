@@ -7,6 +7,7 @@ import os
 import cv2
 import numpy as np
 
+from dataset.outputs import write_marked_png
 from dataset.transforms import read_image, resize_image
 
 
@@ -76,6 +77,9 @@ def four_panel(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
 
 
 def save_rgb(path: str, image: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write '{path}'")
+    """An RGB picture as a PNG file carrying the project's marker (dataset.outputs), written in
+    one step."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode the picture '{path}'")
+    write_marked_png(path, data.tobytes())
