@@ -27,6 +27,7 @@ from utils.export import export_onnx
 from utils.inference import find_references, references_of
 from utils.misc import setup_logging
 from utils.onnx_detector import require_onnx
+from dataset.outputs import check_writable
 from utils.results import OutputError
 
 
@@ -67,6 +68,15 @@ def run(args) -> dict:
         raise OutputError(f"--out {args.out} must be a file in an existing folder: choose "
                           f"another --out")
     references = find_references(args.reference) if args.reference else None
+    # the file written never replaces an input, nor a file this project did not write
+    inputs = [args.pretrained_path, args.checkpoint_path, *(references or [])]
+    data = args.out + ".data"
+    for path in inputs:
+        if os.path.exists(path) and any(os.path.exists(o) and os.path.samefile(path, o)
+                                        for o in (args.out, data)):
+            raise OutputError(f"--out {args.out} would write over the input {path}: choose "
+                              f"another --out")
+    check_writable([args.out, data], "--out", folder)
     detector = AnomalyDetector.from_files(
         args.pretrained_path, args.checkpoint_path, device="cpu", sample_num=args.sample_num,
         verify=not args.no_verify, **model_request(args))

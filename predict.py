@@ -159,8 +159,9 @@ def run(args) -> dict:
         if len(inputs.calibration) < 5:
             warn(f"calibrating on {len(inputs.calibration)} good image(s) only: the threshold "
                  f"is a rough guess; give more known-good images")
-        if references is not None:
-            shared = {os.path.realpath(p) for p in references} & {
+        baked = exported.metadata.get("reference_paths") or [] if exported else []
+        if references is not None or baked:
+            shared = {os.path.realpath(p) for p in (references or baked)} & {
                 os.path.realpath(i.path) for i in inputs.calibration}
             if shared:
                 warn(f"{len(shared)} calibration image(s) are also references: their few-shot "

@@ -26,7 +26,7 @@ from dataset.data import AnomalyDataset, make_loader
 from dataset.locks import folder_lock
 from dataset.outputs import check_apart, check_writable, clear_own, kept_note
 from dataset.registry import dataset_info
-from dataset.shots import draw_references
+from dataset.shots import draw_references, same_draws
 from models import AnomalyDetector
 from models.errors import UserError
 from utils import distributed
@@ -170,6 +170,13 @@ def prepare(args, device, held: ExitStack) -> tuple:
     shot_seeds = list(dict.fromkeys(args.shot_seeds)) if args.k_shot else []
     drawn = (draw_references(args.data_path, args.dataset, dataset.class_names, args.k_shot,
                              shot_seeds) if args.k_shot else None)
+    same = same_draws(drawn) if drawn else []
+    if same:
+        logging.getLogger("bayes_pfl").warning(
+            "the shot seeds %s draw the same %d references of class(es) %s (--k_shot %d takes "
+            "all or nearly all of their train images): their ± over the shot seeds is 0 by "
+            "construction, not a measured spread", shot_seeds, args.k_shot, ", ".join(same),
+            args.k_shot)
     # outputs apart from the data: no picture or result lands on a dataset's file
     check_apart(args.save_path, "--save_path", [("--data_path", args.data_path)],
                 [("the meta file", path) for sample in dataset.samples
@@ -298,7 +305,7 @@ def write_all(args, runs: dict, settings: dict, extra: dict, pending: list[str])
     suffix = INCOMPLETE if pending else ""
     status = {"status": "incomplete" if pending else "complete", "classes_pending": pending}
     tables, _, _ = write_runs(runs, args.save_path, args.dataset, settings, {**extra, **status},
-                              suffix)
+                              suffix, with_mean=not pending)
     names = [f"results_{args.dataset}"] + ([run_name(k, args.dataset) for k in runs]
                                            if len(runs) > 1 else [])
     if not pending:                   # complete: the incomplete files are gone

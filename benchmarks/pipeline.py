@@ -152,8 +152,8 @@ def one_run(detector: AnomalyDetector, dataset, args, vis_dir: str | None) -> di
     writers, first_class = [], []
 
     class ClockedWriter(PictureWriter):
-        def __init__(self, out_dir, image_size):
-            super().__init__(out_dir, image_size, workers=args.picture_workers)
+        def __init__(self, out_dir, image_size, **kwargs):
+            super().__init__(out_dir, image_size, workers=args.picture_workers, **kwargs)
             writers.append(self)
 
         def submit(self, outputs, smoothed, threshold, colour_range=None):

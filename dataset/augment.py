@@ -40,10 +40,11 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-# The OpenCV major version of the official code (its requirements: opencv-python 4.9.0.80).
-# OpenCV 5 rounds the rotation and the colour jitter differently (1 to 2 levels on about a sixth
-# of the values), so with it the augmentation is no longer bit-equal to the official pipeline.
+# The OpenCV versions with which the augmentation is bit-equal to the official pipeline (its
+# requirements: opencv-python 4.9.0.80): 4.10 (NumPy 2) to 4.13. OpenCV 4.14 and 5 round the
+# rotation and the colour jitter differently (1 to 2 levels on about a sixth of the values).
 OFFICIAL_OPENCV_MAJOR = 4
+OPENCV_BIT_EQUAL = ((4, 10), (4, 14))          # from, up to (excluded)
 
 ONEOF_CHILDREN = ("Blur", "ColorJitter", "GaussianBlur")
 _U32_MAX = 2**32 - 1
@@ -119,16 +120,21 @@ class AugmentParams:
 
 
 def opencv_warning(version: str | None = None) -> str | None:
-    """None when OpenCV ``version`` (default: the installed one) is the official major
-    version, else the one-line warning that the augmentation is not bit-equal to the official
-    pipeline, with the install command that makes it so."""
+    """None when OpenCV ``version`` (default: the installed one) is one with which the
+    augmentation is bit-equal to the official pipeline (``OPENCV_BIT_EQUAL``), else the
+    one-line warning saying so, with the install command that makes it so."""
     version = cv2.__version__ if version is None else version
-    if version.split(".")[0] == str(OFFICIAL_OPENCV_MAJOR):
+    (lo, hi) = OPENCV_BIT_EQUAL
+    try:
+        number = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        number = None
+    if number is not None and lo <= number < hi:
         return None
-    return (f"OpenCV {version} is installed, not OpenCV {OFFICIAL_OPENCV_MAJOR} (the official "
-            f"code's): the training augmentation is not bit-equal to the official pipeline; "
-            f"pip install 'opencv-python-headless>={OFFICIAL_OPENCV_MAJOR}.9,"
-            f"<{OFFICIAL_OPENCV_MAJOR + 1}' restores it")
+    return (f"OpenCV {version} is installed, not OpenCV {lo[0]}.{lo[1]} to {hi[0]}.{hi[1] - 1} "
+            f"(OpenCV {OFFICIAL_OPENCV_MAJOR}, the official code's): the training augmentation "
+            f"is not bit-equal to the official pipeline; pip install "
+            f"'opencv-python-headless>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}' restores it")
 
 
 def draw_params(rng: random.Random, shape: tuple[int, ...]) -> AugmentParams:

@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from dataset.augment import augment_rgb
@@ -213,9 +213,12 @@ class AnomalyDataset(Dataset):
         info = meta.get("info")
         self.info: dict = info if isinstance(info, dict) else {}
         self.wording: dict[str, str] = dict(self.info.get("wording") or {})
+        # a folder's meta file (dataset/folder.py) states its own facts, which win over the
+        # registry's even where the folder took a registry dataset's name
+        self.from_folder = self.info.get("source") == "dataset.folder"
         if classification_only is None:   # the registry's, else the meta file's
             classification_only = (dataset_info(dataset_name).classification_only
-                                   if dataset_name in REGISTRY
+                                   if dataset_name in REGISTRY and not self.from_folder
                                    else self.info.get("classification_only", False))
         self.classification_only = bool(classification_only)
         available = sorted(test_split)
@@ -371,14 +374,25 @@ class AnomalyDataset(Dataset):
         if not path:
             raise DatasetError(
                 f"Anomalous image {sample['img_path']} has no mask_path in {self.meta_file}; "
-                f"recreate the meta file, or pass classification_only=True for data without masks."
-            )
+                f"{self._no_mask_fix}")
         if not os.path.isfile(path):
             raise DatasetError(
-                f"Mask file {path} of anomalous image {sample['img_path']} not found; convert the "
-                f"dataset again, or pass classification_only=True for data without masks."
-            )
+                f"Mask file {path} of anomalous image {sample['img_path']} not found; "
+                f"{self._no_mask_fix}")
         return path
+
+    @property
+    def _no_mask_fix(self) -> str:
+        """What to do about a missing mask: the data's own tool, and for data without masks
+        the way to classification only (a folder's meta file written without masks; the
+        registry's classification-only datasets)."""
+        if self.from_folder:
+            return ("write the meta file again with `python -m dataset.folder` (with masks for "
+                    "every anomalous image, or none at all: classification only)")
+        return (f"convert the dataset again (dataset/make_dataset.py, dataset/make_meta.py); "
+                f"data without masks: describe your folder with `python -m dataset.folder ROOT "
+                f"--dataset NAME` (classification only without masks) instead of "
+                f"--dataset {self.dataset_name}")
 
     @property
     def reading(self) -> str:
@@ -388,10 +402,11 @@ class AnomalyDataset(Dataset):
         return "range" if self.info.get("source") == "dataset.folder" else "official"
 
     def read_file(self, path: str) -> Image.Image:
-        """An image file of this dataset as read for it (its own mode, or mapped to 8 bits by
-        range for folder datasets); an unreadable file is a DatasetError."""
+        """An image file of this dataset as read for it (its own mode, or for folder datasets
+        mapped to 8 bits by range and turned upright by its EXIF orientation, as predict.py,
+        the page and the API read a user's files); an unreadable file is a DatasetError."""
         try:
-            image = read_image(path)
+            image = read_image(path, exif_transpose=self.from_folder)
             return to_8bit(image, f"image {path}") if self.reading == "range" else image
         except InputError as error:   # in a dataset, an unreadable file is a dataset error
             raise DatasetError(str(error)) from None
@@ -409,11 +424,12 @@ class AnomalyDataset(Dataset):
             return None
         return binary_mask(self._read_mask(self._mask_file(sample)))
 
-    @staticmethod
-    def _read_mask(path: str) -> Image.Image:
-        """A mask file as opened; an unreadable one is a DatasetError, as an image is."""
+    def _read_mask(self, path: str) -> Image.Image:
+        """A mask file as opened (a folder dataset's upright by its EXIF orientation, as its
+        images); an unreadable one is a DatasetError, as an image is."""
         try:
-            return read_mask(path)
+            mask = read_mask(path)
+            return ImageOps.exif_transpose(mask) if self.from_folder else mask
         except ImageReadError as error:
             raise DatasetError(str(error)) from None
 

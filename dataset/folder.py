@@ -9,73 +9,60 @@ ROOT, so that ``python test.py --dataset NAME --data_path ROOT`` evaluates the f
 ``python train.py --dataset NAME --train_data_path ROOT`` trains on it.
 
 Classes: each sub-folder of ROOT is a class, or ROOT itself is the one class (named after its
-folder) when it holds a layout directly (``train/`` or ``test/``, the normal folder, or
-sub-folders of images). Hidden entries, ``ground_truth/``, ``masks/`` and the mask folder are
-never classes or anomaly types. Each class is in one of two layouts:
+folder) when it holds a layout directly (``train/`` or ``test/``, or the normal folder). Each
+class is in one of two layouts:
 
 - ``mvtec`` (MVTec-AD's raw layout): ``train/good/``, ``test/good/``, ``test/<type>/``;
 - ``flat`` (anomalib's Folder convention): ``good/`` and ``<type>/`` side by side; no train
   split unless ``--n_train``.
 
-``--normal_dir`` renames ``good``. Masks lie in ``ground_truth/<type>/`` or ``masks/<type>/``
-of the class folder (with ``--mask_dir DIR``: in ``DIR/<type>/`` only, DIR relative to the
-class folder or absolute), named after their image's stem with or without ``_mask``, any image
-extension. Without any mask the dataset is classification-only (pixel metrics n/a); with some,
-every anomalous image needs one, of its size.
+Images may lie at any depth below these folders and take their label. ``--normal_dir``
+renames ``good``. Masks lie in ``ground_truth/``, ``masks/`` or ``mask/`` of the class folder
+(with ``--mask_dir DIR``: in DIR only, relative to the class folder or absolute), as
+``<type>/<stem>[_mask].<ext>`` (mirroring the image's sub-folders or not) or flat as
+``<stem>[_mask].<ext>``. Without any mask the dataset is classification-only (pixel metrics
+n/a); with some, every anomalous image needs one, of its size. Images with an EXIF orientation
+are read upright (as predict.py and the page read them), so their masks are compared with the
+upright size. The reading rules, and what stops because it reads two ways, are those of
+dataset/folder_layout.py.
 
 Besides ``train`` and ``test`` the file holds ``info``: ``{"source": "dataset.folder",
 "layout": {cls: "mvtec" | "flat"}, "classification_only": bool, "wording": {cls: words},
-"n_train": K, "seed": S or null}``. Every file is checked (opened and decoded) before anything
-is written.
+"n_train": K, "seed": S or null, "left_out": [{"path", "reason"}]}``: every file under ROOT is
+used or listed there with the reason it is not. Every file is checked (opened and decoded)
+before anything is written; an existing meta file is replaced only when dataset.folder wrote
+it, and names of the paper's datasets are refused (their protocol is applied by name).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dataset.draws import draw_indices
 from dataset.errors import DatasetError
-from dataset.files import list_dirs, list_files
+from dataset.folder_layout import (MASK_SUFFIX, Accounts, ClassListing, check_shared_mask_folders,
+                                   find_classes, folder_entries, images_below, list_class,
+                                   mask_folder_names, not_an_image)
+from dataset.files import is_image_file
 from dataset.make_meta import check_mask_size, meta_sample, write_meta_file
+from dataset.registry import REGISTRY
 from models.errors import InputError, SettingsError
 from models.imaging import to_8bit
 from models.noise import check_seed
 from models.wording import OFFICIAL_WORDING
 
 SOURCE = "dataset.folder"
-MASK_FOLDERS = ("ground_truth", "masks")     # searched when --mask_dir is not given
-MASK_SUFFIX = "_mask"
 NORMAL_SPECIE = "good"                       # specie_name of normal images in meta files
-SPLITS = ("train", "test")                   # the folders of the mvtec layout
-
-
-@dataclass
-class ClassListing:
-    """The files of one class. ``test``: (image, anomaly type or None for normal) in meta
-    order; ``train``: normal images; ``masks``: anomalous image -> its mask file."""
-
-    name: str
-    folder: Path
-    layout: str                                            # "mvtec" or "flat"
-    train: List[Path] = field(default_factory=list)
-    test: List[Tuple[Path, Optional[str]]] = field(default_factory=list)
-    masks: Dict[Path, Path] = field(default_factory=dict)
-    mask_roots: List[Path] = field(default_factory=list)   # where its masks were looked for
-
-    @property
-    def normal_test(self) -> List[Path]:
-        return [path for path, kind in self.test if kind is None]
-
-    @property
-    def anomalous(self) -> List[Path]:
-        return [path for path, kind in self.test if kind is not None]
+# Class names the result tables use for themselves (the CSV's mean row).
+RESERVED_CLASS_NAMES = ("mean",)
 
 
 @dataclass
@@ -85,165 +72,6 @@ class FolderMeta:
 
     meta: Dict
     classes: List[ClassListing]
-
-
-# ------------------------------------------------------------------------------------------------
-# Discovery
-# ------------------------------------------------------------------------------------------------
-
-
-def _excluded_names(mask_dir: Optional[str]) -> set:
-    """Folder names that are never a class or an anomaly type."""
-    names = set(MASK_FOLDERS)
-    if mask_dir and not os.path.isabs(mask_dir):
-        names.add(Path(mask_dir).parts[0])
-    return names
-
-
-def _is_mask_folder(folder: Path, mask_dir: Optional[str]) -> bool:
-    """True when ``folder`` is an absolute ``mask_dir`` or lies above it."""
-    if not mask_dir or not os.path.isabs(mask_dir):
-        return False
-    target, folder = Path(mask_dir).resolve(), folder.resolve()
-    return target == folder or folder in target.parents
-
-
-def _sub_folders(folder: Path, mask_dir: Optional[str]) -> List[str]:
-    excluded = _excluded_names(mask_dir)
-    return [d for d in list_dirs(folder)
-            if d not in excluded and not _is_mask_folder(folder / d, mask_dir)]
-
-
-def _holds_layout(folder: Path, normal_dir: str, mask_dir: Optional[str]) -> bool:
-    """True when ``folder`` is a class folder itself (train/ or test/, the normal folder, or a
-    sub-folder holding images)."""
-    subs = _sub_folders(folder, mask_dir)
-    return any(d in SPLITS or d == normal_dir or list_files(folder / d) for d in subs)
-
-
-def find_classes(root: Path, normal_dir: str = "good", mask_dir: Optional[str] = None
-                 ) -> List[Tuple[str, Path]]:
-    """(class name, class folder) of every class under ``root``, sorted by name: ``root``
-    itself (named after its folder) when it holds a layout, else its sub-folders."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"Folder {root} not found: pass the folder holding your class "
-                           f"folders (or your good/ and anomaly folders) as ROOT.")
-    if _holds_layout(root, normal_dir, mask_dir):
-        return [(root.resolve().name, root)]
-    classes = [(d, root / d) for d in _sub_folders(root, mask_dir)]
-    if not classes:
-        raise DatasetError(f"No class folder found in {root}: put each class in a sub-folder "
-                           f"holding {normal_dir}/ and one folder per anomaly type (or "
-                           f"MVTec-AD's train/ and test/).")
-    return classes
-
-
-# ------------------------------------------------------------------------------------------------
-# One class
-# ------------------------------------------------------------------------------------------------
-
-
-def _images(folder: Path) -> List[Path]:
-    """The image files of ``folder``, sorted; two with one stem are an error."""
-    files = list_files(folder)
-    seen: Dict[str, Path] = {}
-    for path in files:
-        if path.stem in seen:
-            raise DatasetError(f"Images {seen[path.stem]} and {path} share the stem "
-                               f"'{path.stem}' (masks are matched by stem): rename or remove "
-                               f"one.")
-        seen[path.stem] = path
-    return files
-
-
-def _no_loose_images(folder: Path, where: str) -> None:
-    loose = list_files(folder)
-    if loose:
-        raise DatasetError(f"Image {loose[0]} lies directly in {folder}: move it into {where}.")
-
-
-def _mask_roots(folder: Path, mask_dir: Optional[str]) -> List[Path]:
-    if mask_dir:
-        return [Path(mask_dir) if os.path.isabs(mask_dir) else folder / mask_dir]
-    return [folder / name for name in MASK_FOLDERS]
-
-
-def _match_masks(listing: ClassListing, normal_dir: str) -> None:
-    """Fill ``listing.masks`` from its mask roots: ``<root>/<type>/<stem>[_mask].<ext>``."""
-    by_type: Dict[str, Dict[str, Path]] = {}
-    for path, kind in listing.test:
-        if kind is not None:
-            by_type.setdefault(kind, {})[path.stem] = path
-    for mask_root in listing.mask_roots:
-        if not mask_root.is_dir():
-            continue
-        for kind in list_dirs(mask_root):
-            if kind == normal_dir:       # masks of normal images: all zero, not needed
-                continue
-            images = by_type.get(kind, {})
-            for mask in list_files(mask_root / kind):
-                stem = mask.stem
-                image = images.get(stem)
-                if image is None and stem.endswith(MASK_SUFFIX):
-                    image = images.get(stem[:-len(MASK_SUFFIX)])
-                if image is None:
-                    raise DatasetError(
-                        f"Mask {mask} has no image {kind}/{stem.removesuffix(MASK_SUFFIX)}.* in "
-                        f"{listing.folder}: remove the mask, or add its image.")
-                if image in listing.masks:
-                    raise DatasetError(f"Image {image} has two masks, {listing.masks[image]} "
-                                       f"and {mask}: keep one.")
-                listing.masks[image] = mask
-
-
-def _check_types(folder: Path, kinds: Sequence[str], normal_dir: str) -> None:
-    if normal_dir != NORMAL_SPECIE and NORMAL_SPECIE in kinds:
-        raise DatasetError(f"Folder {folder / NORMAL_SPECIE} would be an anomaly type, but "
-                           f"'{NORMAL_SPECIE}' names normal images in meta files: rename it, or "
-                           f"pass --normal_dir {NORMAL_SPECIE}.")
-
-
-def list_class(name: str, folder: Path, normal_dir: str = "good",
-               mask_dir: Optional[str] = None) -> ClassListing:
-    """The images and masks of one class folder, in the mvtec or the flat layout."""
-    folder = Path(folder)
-    subs = _sub_folders(folder, mask_dir)
-    if any(d in SPLITS for d in subs):
-        listing = ClassListing(name, folder, "mvtec")
-        for split in SPLITS:
-            if (folder / split).is_dir():
-                _no_loose_images(folder / split, f"{folder / split}/{normal_dir}/ or a folder "
-                                                 f"named after its anomaly type")
-        train_dir = folder / "train"
-        if train_dir.is_dir():
-            for kind in list_dirs(train_dir):
-                if kind != normal_dir:
-                    raise DatasetError(f"Folder {train_dir / kind}: the train split holds only "
-                                       f"normal images ({train_dir / normal_dir}): move the "
-                                       f"folder to {folder / 'test' / kind}.")
-            if (train_dir / normal_dir).is_dir():
-                listing.train = _images(train_dir / normal_dir)
-        test_dir = folder / "test"
-        kinds = list_dirs(test_dir) if test_dir.is_dir() else []
-        kind_dirs = [(kind, test_dir / kind) for kind in kinds]
-    else:
-        listing = ClassListing(name, folder, "flat")
-        _no_loose_images(folder, f"{folder / normal_dir}/ (normal) or a folder named after its "
-                                 f"anomaly type")
-        kinds = [d for d in subs if list_files(folder / d)]
-        kind_dirs = [(kind, folder / kind) for kind in kinds]
-    _check_types(folder, kinds, normal_dir)
-    for kind, kind_dir in kind_dirs:
-        listing.test.extend((path, None if kind == normal_dir else kind)
-                            for path in _images(kind_dir))
-    if not listing.test:
-        raise DatasetError(
-            f"Class folder {folder} holds no test image: add {normal_dir}/ and one folder per "
-            f"anomaly type (or MVTec-AD's test/), or move the folder out of the dataset.")
-    listing.mask_roots = _mask_roots(folder, mask_dir)
-    _match_masks(listing, normal_dir)
-    return listing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,9 +88,10 @@ def _require_masks(listings: Sequence[ClassListing], normal_dir: str) -> None:
             if kind is not None and path not in listing.masks:
                 where = " or ".join(str(r / kind) for r in listing.mask_roots)
                 raise DatasetError(
-                    f"Anomalous image {path} has no mask ({path.stem}{MASK_SUFFIX}.png or "
-                    f"{path.stem}.png in {where}) while other images have masks: add it, or "
-                    f"remove the image.")
+                    f"Anomalous image {path} has no mask ({path.stem}{MASK_SUFFIX}.<ext> or "
+                    f"{path.stem}.<ext> in {where}, or flat in the mask folder; a mask named "
+                    f"otherwise, e.g. {path.stem}_gt.png, is not found) while other images "
+                    f"have masks: add it, or remove the image.")
 
 
 def check_readable(path: Path, image: bool = True) -> Tuple[int, int]:
@@ -275,7 +104,8 @@ def check_readable(path: Path, image: bool = True) -> Tuple[int, int]:
             opened.load()
             if image:
                 to_8bit(opened, f"image {path}")
-            return opened.size
+            # as the dataset reads a folder's files: upright by their EXIF orientation
+            return ImageOps.exif_transpose(opened).size
     except InputError as error:                 # to_8bit's line names the file and the fix
         raise DatasetError(str(error)) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -299,6 +129,10 @@ def _draw_train(listing: ClassListing, n_train: int, seed: int) -> List[Path]:
     """``n_train`` normal test images of the class, drawn without replacement by a generator
     seeded from (seed, class name); in listing order."""
     normal = listing.normal_test
+    if not normal:
+        raise SettingsError(f"--n_train {n_train}: class {listing.name} ({listing.folder}) has "
+                            f"no normal test image to move to the train split: add normal "
+                            f"images, or drop --n_train.")
     if n_train >= len(normal):
         raise SettingsError(f"--n_train {n_train}: class {listing.name} ({listing.folder}) has "
                             f"{len(normal)} normal test images; pass --n_train below "
@@ -356,6 +190,12 @@ def _check_settings(name: str, normal_dir: str, n_train: int, seed: Optional[int
         check_seed(seed)
     if seed is not None and not n_train:
         raise SettingsError("--seed draws the images of --n_train: pass --n_train K as well.")
+    registry = {key.lower(): key for key in REGISTRY}
+    if name.lower() in registry:
+        raise SettingsError(f"--dataset {name}: {registry[name.lower()]} names one of the "
+                            f"paper's datasets, whose protocol (classification only, prompt "
+                            f"words, image score) the tools apply by that name: choose another "
+                            f"name for your folder.")
 
 
 def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[str] = None,
@@ -369,15 +209,24 @@ def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[st
     _check_settings(name, normal_dir, n_train, seed)
     if n_train and seed is None:
         seed = 0
-    found = find_classes(root, normal_dir, mask_dir)
+    accounts = Accounts()
+    found = find_classes(root, normal_dir, mask_dir, accounts)
     if mask_dir and os.path.isabs(mask_dir) and len(found) > 1:
         raise SettingsError(f"--mask_dir {mask_dir} is absolute but {root} holds {len(found)} "
                             f"classes: pass a folder relative to each class folder.")
-    listings = [list_class(cls, folder, normal_dir, mask_dir) for cls, folder in found]
+    for cls, _ in found:
+        if cls in RESERVED_CLASS_NAMES:
+            raise SettingsError(f"Class folder {root / cls if len(found) > 1 else root}: a class "
+                                f"named '{cls}' would share the result tables' row of the mean "
+                                f"over the classes: rename the folder.")
+    listings = [list_class(cls, folder, normal_dir, mask_dir, accounts) for cls, folder in found]
+    if len(found) > 1 or found[0][1] != root:
+        _account_root(root, [folder for _, folder in found], mask_dir, accounts)
     if mask_dir and not any(r.is_dir() for listing in listings for r in listing.mask_roots):
         raise SettingsError(f"--mask_dir {mask_dir}: no such folder in "
                             f"{', '.join(str(listing.folder) for listing in listings)}: pass the "
                             f"folder of the masks, relative to the class folder or absolute.")
+    check_shared_mask_folders(listings, mask_dir)
     _require_masks(listings, normal_dir)
     words = _wording([listing.name for listing in listings], class_name, wording)
     moved = {listing.name: _draw_train(listing, n_train, seed) if n_train else []
@@ -399,17 +248,73 @@ def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[st
                         cls, NORMAL_SPECIE if kind is None else kind, name)
             for path, kind in listing.test if path not in taken]
         listing.test = [(path, kind) for path, kind in listing.test if path not in taken]
+    left_out = [{"path": _relative(path, root), "reason": reason}
+                for path, reason in sorted(accounts.left_out, key=lambda e: str(e[0]))]
     meta["info"] = {"source": SOURCE,
                     "layout": {listing.name: listing.layout for listing in listings},
                     "classification_only": not has_masks, "wording": words,
-                    "n_train": int(n_train), "seed": seed if n_train else None}
+                    "n_train": int(n_train), "seed": seed if n_train else None,
+                    "left_out": left_out}
     return FolderMeta(meta, listings)
 
 
+def _account_root(root: Path, classes: Sequence[Path], mask_dir: Optional[str],
+                  accounts: Accounts) -> None:
+    """The entries of a ROOT that holds classes, besides the class folders: its own files (a
+    loose image stops: it has no class) and mask folders outside every class (only non-image
+    files there, or find_classes has stopped)."""
+    subs, files = folder_entries(root, accounts)
+    for path in files:
+        if is_image_file(path.name):
+            raise DatasetError(f"Image {path} lies directly in {root}, which holds the classes "
+                               f"{', '.join(c.name for c in classes)}: move it into a class "
+                               f"folder (into good/ or an anomaly folder), or out of {root}.")
+        accounts.add(path, "a meta file" if path.name.startswith("meta_") and
+                     path.suffix == ".json" else not_an_image(path))
+    names = {c.name for c in classes}
+    for d in subs:
+        if d not in names and d in mask_folder_names(mask_dir):
+            images_below(root / d, accounts)          # no images (find_classes checked)
+
+
+
 def write_folder_meta(root, name: str, meta: Mapping) -> Path:
-    """Write ``root/meta_<name>.json`` in one step (an existing one is replaced); returns its
-    path."""
-    return write_meta_file(Path(root) / f"meta_{name}.json", meta)
+    """Write ``root/meta_<name>.json`` in one step; returns its path. An existing one is
+    replaced only when dataset.folder wrote it (its ``info.source``): a converter's or the
+    user's own meta file of that name stops with one line."""
+    path = Path(root) / f"meta_{name}.json"
+    if path.is_file() and not _written_here(path):
+        raise DatasetError(f"{path} exists and was not written by dataset.folder (no info.source "
+                           f"'{SOURCE}'): choose another --dataset name, or move the file away.")
+    return write_meta_file(path, meta)
+
+
+def _written_here(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("info"), dict) and \
+        meta["info"].get("source") == SOURCE
+
+
+def used_summary(result: "FolderMeta") -> str:
+    """"312 images used (train 12, test 300), 150 masks; 4 left out: 3 not an image file, ..."."""
+    train = sum(len(listing.train) for listing in result.classes)
+    test = sum(len(listing.test) for listing in result.classes)
+    masks = sum(len(listing.masks) for listing in result.classes)
+    line = f"{train + test} images used (train {train}, test {test}), {masks} masks"
+    left = result.meta["info"]["left_out"]
+    if not left:
+        return line + "; nothing left out"
+    counts: Dict[str, int] = {}
+    for entry in left:
+        reason = entry["reason"].split(" (")[0]
+        counts[reason] = counts.get(reason, 0) + 1
+    parts = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return (line + f"; {len(left)} left out: " + ", ".join(f"{n} {why}" for why, n in parts)
+            + " (listed in the meta file's info.left_out)")
 
 
 def class_summary(listing: ClassListing) -> str:
@@ -479,6 +384,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     for listing in result.classes:
         print(class_summary(listing))
+    print(used_summary(result))
     note = ("; classification only (no masks: pixel metrics n/a)"
             if result.meta["info"]["classification_only"] else "")
     print(f"wrote {path}{note}")

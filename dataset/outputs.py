@@ -6,8 +6,8 @@ for its outputs.
   no later run reads an output as an input.
 - **Only its own files are replaced or removed.** Every file the project writes carries its
   marker: the pictures (PNG) a ``tEXt`` chunk ``Software: Bayes-PFL`` (:func:`marked_png`),
-  JSON files a ``"written_by"`` key, CSV files their header, logs their line format
-  (:func:`is_own_file`). An earlier run's files are removed only when they carry it
+  JSON files a ``"written_by"`` key, ONNX files their ``doc_string``, CSV files their header,
+  logs their line format (:func:`is_own_file`). An earlier run's files are removed only when they carry it
   (:func:`clear_own`), and a run whose output would land on a file without it stops before
   writing anything (:func:`check_writable`).
 
@@ -28,6 +28,9 @@ WRITTEN_BY = "Bayes-PFL"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_KEYWORD = b"Software"
 _PNG_CHUNK = b"tEXt" + _PNG_KEYWORD + b"\x00" + WRITTEN_BY.encode()
+# The doc_string of the ONNX files export.py writes.
+ONNX_DOC = f"{WRITTEN_BY} detector written by export.py"
+ONNX_MARKER = ONNX_DOC.encode()
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
@@ -77,6 +80,11 @@ def is_own_file(path: str) -> bool:
     try:
         if ext == ".png":
             return is_marked_png(path)
+        if ext == ".onnx":            # export.py's doc_string, serialised before the graph
+            with open(path, "rb") as handle:
+                return ONNX_MARKER in handle.read(1 << 16)
+        if ext == ".data" and path.lower().endswith(".onnx.data"):
+            return is_own_file(path[:-len(".data")])      # the weights of an own ONNX file
         if ext == ".json":
             with open(path, encoding="utf-8") as handle:
                 obj = json.load(handle)

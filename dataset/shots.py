@@ -39,10 +39,25 @@ def draw_references(root: str, dataset_name: str, class_names: Sequence[str], k:
     meta = load_meta(root, dataset_name)
     available = {name: train_images(meta, name) for name in class_names}
     if not any(available.values()):
+        folder = (meta.get("info") or {}).get("source") == "dataset.folder"
+        how = (f"give it some with `python -m dataset.folder {root} --dataset {dataset_name} "
+               f"--n_train K` (K normal test images moved to the train split), or evaluate it "
+               f"zero-shot (without --k_shot)" if folder else
+               "evaluate it zero-shot (without --k_shot)")
         raise DatasetError(f"{dataset_name} has no train images in {meta_path(root, dataset_name)}"
                            f" (its train split is empty, as for the medical datasets, KSDD2, "
                            f"RSDD and DAGM): few-shot references need good train images; "
-                           f"evaluate it zero-shot (without --k_shot)")
+                           f"{how}")
+    for name, paths in available.items():
+        tested = {os.path.normpath(e.get("img_path", "")) for e in
+                  (meta.get("test") or {}).get(name) or [] if isinstance(e, dict)}
+        both = [p for p in paths if os.path.normpath(p) in tested]
+        if both:
+            raise DatasetError(
+                f"{meta_path(root, dataset_name)} lists {both[0]} (class {name}) in both the "
+                f"train and the test split{f', and {len(both) - 1} more' if len(both) > 1 else ''}"
+                f": a reference drawn from it would be scored against itself; remove it from one "
+                f"split")
     short = {name: len(paths) for name, paths in available.items() if len(paths) < k}
     if short:
         listed = ", ".join(f"{name} {n}" for name, n in short.items())
@@ -54,3 +69,13 @@ def draw_references(root: str, dataset_name: str, class_names: Sequence[str], k:
     return {int(seed): {name: [os.path.join(root, p) for p in draw_shots(paths, k, seed, name)]
                         for name, paths in available.items()}
             for seed in shot_seeds}
+
+
+def same_draws(drawn: dict[int, dict[str, list[str]]]) -> list[str]:
+    """The classes whose references are the same set for every shot seed (e.g. K = all their
+    train images): their spread over the shot seeds is 0 by construction."""
+    seeds = list(drawn)
+    if len(seeds) < 2:
+        return []
+    return [name for name in drawn[seeds[0]]
+            if all(set(drawn[s][name]) == set(drawn[seeds[0]][name]) for s in seeds[1:])]

@@ -150,11 +150,12 @@ class AnomalyDetector:
 
     @torch.no_grad()
     def reference_bank(self, images, chunk: int = REFERENCE_BATCH,
-                       exif_transpose: bool = False) -> ReferenceBank:
+                       exif_transpose: bool = True) -> ReferenceBank:
         """The memory bank of K good reference images: a preprocessed [K, 3, S, S] batch, or
         a sequence of paths, PIL images or arrays (read by range, ``models.imaging``; turned
-        upright by their EXIF orientation with ``exif_transpose``) or preprocessed [3, S, S]
-        tensors. The image tower runs ``chunk`` images at a time."""
+        upright by their EXIF orientation unless ``exif_transpose`` is False, as
+        ``predict_images`` reads the images it scores) or preprocessed [3, S, S] tensors. The
+        image tower runs ``chunk`` images at a time."""
         paths: tuple[str, ...] = ()
         if isinstance(images, torch.Tensor):
             batch = self.check_images(images, "the reference batch")

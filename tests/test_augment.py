@@ -278,17 +278,19 @@ def test_truncation_not_rounding():
 
 def test_opencv_warning_names_the_version_and_the_fix():
     assert OFFICIAL_OPENCV_MAJOR == 4
-    assert opencv_warning("4.9.0") is None and opencv_warning("4.14.0") is None
+    for version in ("4.10.0", "4.12.0", "4.13.0"):
+        assert opencv_warning(version) is None, version
     assert opencv_warning(cv2.__version__) == opencv_warning()
-    for version in ("5.1.0", "3.4.18"):
+    for version in ("5.1.0", "4.14.0", "4.9.0", "3.4.18", "x.y"):
         message = opencv_warning(version)
-        assert message.startswith(f"OpenCV {version} is installed, not OpenCV 4")
-        assert "not bit-equal" in message and "opencv-python-headless>=4.9,<5" in message
+        assert message.startswith(f"OpenCV {version} is installed, not OpenCV 4.10 to 4.13")
+        assert "not bit-equal" in message and "opencv-python-headless>=4.10,<4.14" in message
 
 
-def test_the_installed_opencv_is_the_official_major():
-    """The requirements pin OpenCV 4 (pyproject.toml): the golden tests below hold with it."""
-    assert cv2.__version__.split(".")[0] == "4", cv2.__version__
+def test_the_installed_opencv_is_one_with_which_the_golden_tests_hold():
+    """The requirements pin OpenCV 4.10 to 4.13 (pyproject.toml): the golden tests below hold
+    with it (4.14 and 5.1 differ by 1 to 2 levels on a sixth of the golden image)."""
+    assert opencv_warning() is None, cv2.__version__
 
 
 def test_official_augment_and_augment_rgb():

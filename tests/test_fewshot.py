@@ -169,7 +169,7 @@ def test_reference_bank_takes_batches_paths_and_images(det, tmp_path):
 def test_references_are_read_upright_as_the_scored_images(det, tmp_path, monkeypatch):
     """A phone photo stored sideways with an EXIF orientation: predict.py, export.py and the
     API read a reference upright, as they read the images they score (--ignore_exif: as
-    stored); AnomalyDetector.reference_bank keeps the models layer's plain reading."""
+    stored); so does AnomalyDetector.reference_bank (exif_transpose=False: as stored)."""
     import export
     from utils.inference import references_of
 
@@ -189,7 +189,8 @@ def test_references_are_read_upright_as_the_scored_images(det, tmp_path, monkeyp
     want, plain = det.reference_bank([upright]), det.reference_bank([as_stored])
     assert not same(want, plain)
     assert same(det.reference_bank([rotated], exif_transpose=True), want)
-    assert same(det.reference_bank([rotated]), plain)
+    assert same(det.reference_bank([rotated]), want)
+    assert same(det.reference_bank([rotated], exif_transpose=False), plain)
     assert same(references_of(det, [rotated]), want)
     assert same(predict.load_references(det, [rotated], True), want)
     assert same(predict.load_references(det, [rotated], False), plain)

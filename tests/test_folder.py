@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import dataset.folder as folder_module
+import dataset.folder_layout as layout_module
 import test as test_script
 import train as train_script
 import dataset.make_meta as make_meta_module
@@ -59,10 +60,11 @@ def placeholder(cls):
     return [sample("", "", cls, "good", "")]
 
 
-def info(layout, classification_only, wording, n_train=0, seed=None):
+def info(layout, classification_only, wording, n_train=0, seed=None, left_out=()):
     return {"source": "dataset.folder", "layout": layout,
             "classification_only": classification_only, "wording": wording,
-            "n_train": n_train, "seed": seed}
+            "n_train": n_train, "seed": seed,
+            "left_out": [{"path": p, "reason": r} for p, r in left_out]}
 
 
 def read_meta(root, name):
@@ -115,8 +117,15 @@ def flat_test(files, prefix, cls, name, mask_root="ground_truth", suffix=True, n
 def test_mvtec_raw_with_mask_suffix(raw, capsys):
     (raw / "notes.txt").write_text("not a class")
     (raw / ".cache").mkdir()
-    (raw / "meta_mine.json").write_text("old")            # replaced, not a class
+    (raw / "meta_mine.json").write_text("old")            # not written by dataset.folder
     code, out, err = run(capsys, raw, "--dataset", "mine")
+    assert code == 1 and err == [f"dataset.folder: {raw / 'meta_mine.json'} exists and was not "
+                                 f"written by dataset.folder (no info.source 'dataset.folder'): "
+                                 f"choose another --dataset name, or move the file away."]
+    assert (raw / "meta_mine.json").read_text() == "old"
+    (raw / "meta_mine.json").unlink()
+    assert run(capsys, raw, "--dataset", "mine")[0] == 0
+    code, out, err = run(capsys, raw, "--dataset", "mine")   # its own file: replaced
     assert (code, err) == (0, [])
     expected = {"train": {}, "test": {}}
     for cls in CLASSES:
@@ -130,7 +139,10 @@ def test_mvtec_raw_with_mask_suffix(raw, capsys):
             for kind, names in files["test"].items() for f in names]
         assert len(expected["test"][cls]) == N_GOOD + N_ANOMALY
     expected["info"] = info({"pill": "mvtec", "wood": "mvtec"}, False,
-                            {"pill": "pill", "wood": "wood"})
+                            {"pill": "pill", "wood": "wood"},
+                            left_out=[(".cache", "a hidden folder"), ("meta_mine.json",
+                                                                      "a meta file"),
+                                      ("notes.txt", "not an image file (extension .txt)")])
     text = (raw / "meta_mine.json").read_text(encoding="utf-8")
     assert json.loads(text) == expected
     assert list(json.loads(text)) == ["train", "test", "info"]
@@ -139,7 +151,10 @@ def test_mvtec_raw_with_mask_suffix(raw, capsys):
     n = N_TRAIN + N_GOOD + N_ANOMALY
     assert out == [f"{cls} (mvtec): {n} images, {N_TRAIN + N_GOOD} normal / {N_ANOMALY} "
                    f"anomalous, {N_ANOMALY} masks; train {N_TRAIN}, test {N_GOOD + N_ANOMALY}"
-                   for cls in CLASSES] + [f"wrote {raw / 'meta_mine.json'}"]
+                   for cls in CLASSES] + [
+        f"{2 * n} images used (train {2 * N_TRAIN}, test {2 * (N_GOOD + N_ANOMALY)}), "
+        f"{2 * N_ANOMALY} masks; 3 left out: 1 a hidden folder, 1 a meta file, 1 not an image "
+        f"file (listed in the meta file's info.left_out)", f"wrote {raw / 'meta_mine.json'}"]
 
 
 def test_flat_with_ground_truth_masks_at_root(raw, tmp_path, capsys):
@@ -162,7 +177,10 @@ def test_flat_with_ground_truth_masks_at_root(raw, tmp_path, capsys):
                                                       f"crack/{crack[:-4]}.PNG")
     assert read_meta(root, "parts") == {
         "train": {"metal_nut": placeholder("metal_nut")}, "test": {"metal_nut": test},
-        "info": info({"metal_nut": "flat"}, False, {"metal_nut": "metal nut"})}
+        "info": info({"metal_nut": "flat"}, False, {"metal_nut": "metal nut"}, left_out=[
+            ("good/.DS_Store", "a hidden file"),
+            ("good/notes.txt", "not an image file (extension .txt)"),
+            ("ground_truth/good/000.png", "a mask of normal images (not needed: all zero)")])}
     assert out[0] == (f"metal_nut (flat): {N_GOOD + N_ANOMALY} images, {N_GOOD} normal / "
                       f"{N_ANOMALY} anomalous, {N_ANOMALY} masks; train 0, test "
                       f"{N_GOOD + N_ANOMALY}")
@@ -551,6 +569,19 @@ def test_train_py_uses_a_folder_as_auxiliary_data(raw, tmp_path, tiny_files, cap
         features_list=TINY_LAYERS, image_size=32, batch_size=4, val_batch_size=4, epochs=1,
         sample_num=2, num_workers=0, device="cpu", verify_weights=False))
     assert result.model.wording == {"pill": "round tablet", "wood": "wood"}
+    # a folder without masks as training data: the pixel losses would learn all-zero masks
+    bare = tmp_path / "bare"
+    for cls in CLASSES:
+        flatten(raw / cls, bare / cls, mask_root=None)
+    assert run(capsys, bare, "--dataset", "bare")[0] == 0
+    args = [*common, "--epochs", "1", "--val_dataset", "mine", "--val_classes", "wood",
+            "--save_path", str(tmp_path / "d")]
+    args[args.index("mine")] = "bare"
+    args[args.index(str(root))] = str(bare)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training dataset bare" in err[0] and "has no masks" in err[0]
+    assert not (tmp_path / "d").exists()
 
 
 def test_write_and_read_failures_are_one_line(raw, tmp_path, capsys, monkeypatch):
@@ -571,10 +602,10 @@ def test_write_and_read_failures_are_one_line(raw, tmp_path, capsys, monkeypatch
                                  f"{root / 'meta_part.json'} (No space left on device): make "
                                  f"{root} writable, or free some space."]
 
-    def denied(path):
+    def denied(path, *args):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(folder_module, "list_dirs", denied)
+    monkeypatch.setattr(layout_module, "folder_entries", denied)
     code, _, err = run(capsys, root, "--dataset", "part")
     assert code == 1 and err == [f"dataset.folder: Cannot read {root} (Permission denied): "
                                  f"check its permissions."]

@@ -206,6 +206,19 @@ def test_predict_onnx_csv_equals_predict(tiny_export, tiny_files, references, tm
     assert result["provenance"]["weights"]["clip"] is None
 
 
+def test_calibrating_on_the_files_own_references_warns(tiny_export, references, tmp_path,
+                                                        capsys):
+    """As on the PyTorch path: the references baked into the file, given as calibration
+    images, have a few-shot map of 0, so the threshold comes out too low: one warning."""
+    folder = str(tmp_path / "parts")
+    save_images(folder, [31])
+    calibrate = os.path.dirname(references[0])
+    assert predict.main(["--onnx", tiny_export, "--input", folder, "--calibrate", calibrate,
+                         "--out", str(tmp_path / "o"), "--no_overlay", "--no_progress"]) == 0
+    err = capsys.readouterr().err
+    assert "2 calibration image(s) are also references" in err
+
+
 def test_settings_that_differ_from_the_file_are_one_line(tiny_export, tmp_path, capsys):
     folder = str(tmp_path / "parts")
     save_images(folder, [21])

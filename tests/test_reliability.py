@@ -227,7 +227,10 @@ def _images(folder, names, size=24):
         Image.fromarray(rng.randint(0, 255, (size, size, 3)).astype(np.uint8)).save(path)
 
 
-def test_predict_out_inside_input_scores_every_image(tiny_files, tmp_path):
+def test_predict_out_overlapping_an_input_is_one_line_and_writes_nothing(tiny_files, tmp_path,
+                                                                        capsys):
+    """An --out that is the input folder, lies inside it or holds it: one line before anything
+    is written (the overlays once landed on the user's images); apart, every image is scored."""
     import predict
 
     import json
@@ -238,12 +241,23 @@ def test_predict_out_inside_input_scores_every_image(tiny_files, tmp_path):
     for k, sub in enumerate((".", "a", "results")):
         src = tmp_path / f"in{k}"
         _images(src, ["x.png", "y.png", "a/1.png", "a/2.png", "b/3.png", "b/4.png", "c/5.png"])
+        before = sorted(p for p in src.rglob("*"))
         out = src / sub
-        for run_number in range(2):                 # the second run skips the first's overlays
-            assert predict.main([*weights, "--input", str(src), "--out", str(out)]) == 0
-            result = json.loads((out / "predictions.json").read_text())
-            assert result["summary"]["n_images"] == 7, (out, run_number)
-            assert len(list((out / "overlays").rglob("*.png"))) == 7
+        assert predict.main([*weights, "--input", str(src), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        relation = "is" if sub == "." else "lies inside"
+        assert len(err) == 1 and f"--out {out} {relation} the input folder {src}" in err[0], err
+        assert sorted(p for p in src.rglob("*")) == before
+    # an --out holding the input folder, and one holding an input file
+    src = tmp_path / "in0"
+    assert predict.main([*weights, "--input", str(src), "--out", str(tmp_path)]) == 1
+    assert f"holds the input folder {src}" in capsys.readouterr().err
+    assert predict.main([*weights, "--input", str(src / "x.png"), "--out", str(src)]) == 1
+    assert f"holds the input file {src / 'x.png'}" in capsys.readouterr().err
+    out = tmp_path / "apart"
+    assert predict.main([*weights, "--input", str(src), "--out", str(out)]) == 0
+    assert json.loads((out / "predictions.json").read_text())["summary"]["n_images"] == 7
+    assert len(list((out / "overlays").rglob("*.png"))) == 7
 
 
 def test_predict_nothing_readable_and_nan_threshold_fail(tiny_files, tmp_path, capsys):
@@ -285,7 +299,8 @@ def test_results_are_written_before_the_pictures(tiny_files, synth, tmp_path, mo
     saved = json.loads((out / "results_synth.json").read_text())
     assert "mesh" in saved["classes"]                        # the first class's metrics kept
     err = capsys.readouterr().err
-    assert (f"cannot write the pictures under {out / 'imgs'} (No space left on device): free "
+    assert (f"cannot write the pictures under {out / 'imgs' / 'synth'} (No space left on "
+            f"device): free "
             f"some space or pass --no_vis") in err and "Traceback" not in err
 
 

@@ -76,7 +76,10 @@ def test_an_interrupted_test_py_leaves_incomplete_files_and_says_so(tiny_files, 
     assert partial["status"] == "incomplete"
     assert list(partial["classes"]) == [calls[0]]
     assert set(partial["classes_pending"]) == {"mesh", "pill", "wood"} - {calls[0]}
-    assert (out / "results_synth.incomplete.csv").is_file()
+    # no mean row while classes are missing: it would read as the dataset's mean
+    with open(out / "results_synth.incomplete.csv", newline="") as handle:
+        assert [r["class"] for r in csv.DictReader(handle)] == [calls[0]]
+    assert partial["mean"] is None
     log = (out / "test_synth.log").read_text()
     assert "interrupted" in log and "results_synth.incomplete.json" in log
 

@@ -347,9 +347,9 @@ def _opencv_warnings(save_path) -> list[str]:
 
 def test_training_warns_once_when_opencv_is_not_the_official_major(tmp_path, synth_root,
                                                                    tiny_files, monkeypatch):
-    """The augmentation is bit-equal to the official pipeline with OpenCV 4 only: a run that
-    augments with another major version installed says so once, in the log; with OpenCV 4 it
-    says nothing."""
+    """The augmentation is bit-equal to the official pipeline with OpenCV 4.10 to 4.13 only: a
+    run that augments with another version installed says so once, in the log; with one of
+    those it says nothing."""
     import dataset.augment as augment
 
     monkeypatch.setattr(augment.cv2, "__version__", "5.1.0")
@@ -358,10 +358,10 @@ def test_training_warns_once_when_opencv_is_not_the_official_major(tmp_path, syn
     assert result.epochs_run == 1
     warnings = _opencv_warnings(tmp_path / "five")
     assert len(warnings) == 1, warnings
-    assert ("OpenCV 5.1.0 is installed, not OpenCV 4 (the official code's): the training "
-            "augmentation is not bit-equal to the official pipeline; pip install "
-            "'opencv-python-headless>=4.9,<5' restores it") in warnings[0]
-    monkeypatch.setattr(augment.cv2, "__version__", "4.9.0")
+    assert ("OpenCV 5.1.0 is installed, not OpenCV 4.10 to 4.13 (OpenCV 4, the official "
+            "code's): the training augmentation is not bit-equal to the official pipeline; pip "
+            "install 'opencv-python-headless>=4.10,<4.14' restores it") in warnings[0]
+    monkeypatch.setattr(augment.cv2, "__version__", "4.13.0")
     train(make_config(tmp_path / "four", synth_root, tiny_files[0], epochs=2, stop_after=1))
     assert _opencv_warnings(tmp_path / "four") == []
 

@@ -163,14 +163,18 @@ def test_calibration_never_includes_an_earlier_runs_overlays(tiny_files, tmp_pat
     images(good, ["g1.png", "g2.png"])
     parts = tmp_path / "parts"
     images(parts, ["p.png"], seed=3)
-    # a first run writes its overlays inside the calibration folder
-    assert predict.main([*weights(tiny_files), *TINY, "--input", str(good),
+    # a first run wrote its overlays inside the calibration folder (scoring other images)
+    other = tmp_path / "other"
+    images(other, ["o1.png", "o2.png"], seed=5)
+    assert predict.main([*weights(tiny_files), *TINY, "--input", str(other),
                          "--out", str(good / "first")]) == 0
     assert len(list((good / "first" / "overlays").rglob("*.png"))) == 2
     assert predict.main([*weights(tiny_files), *TINY, "--input", str(parts), "--calibrate",
                          str(good), "--class_name", "part", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert result["threshold"]["calibration"]["n_images"] == 2
+    assert {"path": str(good / "first" / "overlays"), "reason": "an earlier run's pictures"} \
+        in result["left_out"]
     # and scoring the folder again finds the two images, not their overlays
     assert predict.main([*weights(tiny_files), *TINY, "--input", str(good),
                          "--out", str(tmp_path / "again")]) == 0

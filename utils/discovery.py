@@ -72,7 +72,7 @@ def _walk_images(root: str, exclude: Sequence[str], left_out: list[LeftOut]) -> 
             real = os.path.realpath(path)
             if d.startswith("."):
                 left_out.append(LeftOut(path, "a hidden folder (not searched)"))
-            elif marked and d in OUTPUT_PICTURE_DIRS:
+            elif (marked and d in OUTPUT_PICTURE_DIRS) or output_pictures_holding(path):
                 left_out.append(LeftOut(path, "an earlier run's pictures"))
             elif _inside(path, exclude):
                 left_out.append(LeftOut(path, "an output folder of this run"))

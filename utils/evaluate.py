@@ -250,7 +250,10 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
     runs: dict = {}
     device = detector.device if device is None else device
     writer = None      # started with the first pictures: after the loader's workers
-    text_only = is_classification_only(dataset_name)
+    # the registry's protocol of a dataset name (text scores only for the classification-only
+    # datasets), unless the data are a folder's, whose meta file states its own facts
+    protocol = "" if getattr(loader.dataset, "from_folder", False) else dataset_name
+    text_only = is_classification_only(protocol)
     masks_used = not getattr(loader.dataset, "classification_only", text_only)
     say = logger or log                 # warnings go to the run's log when it has one
     shards = getattr(loader, "sampler", None)
@@ -269,7 +272,7 @@ def evaluate_runs(detector, loader, dataset_name: str, seeds: Sequence[int | Non
         for key, outputs in by_run.items():
             metrics = evaluate_class(outputs.labels, outputs.masks if masks_used else None,
                                      outputs.text_scores, None if text_only else outputs.maps,
-                                     outputs.name, dataset_name, pro=pro, device=device)
+                                     outputs.name, protocol, pro=pro, device=device)
             rows[key] = runs.setdefault(key, {})[outputs.name] = {
                 k: metrics.get(k) for k in COLUMNS}
             if logger:

@@ -48,6 +48,7 @@ from models.wording import prompt_class_name
 from utils.onnx_detector import encode_metadata, require_onnx
 from utils.protocol import topk_for_class
 from utils.provenance import code_version
+from dataset.outputs import ONNX_DOC, check_writable
 from utils.results import OutputError
 
 log = logging.getLogger(__name__)
@@ -364,11 +365,13 @@ def write_onnx(traced: TracedDetector, path: str, fp16: bool = False,
         proto = onnx.ModelProto()
         proto.CopyFrom(traced.proto)
     metadata = {**traced.metadata, "fp16_weights": bool(fp16)}
+    proto.doc_string = ONNX_DOC                   # the project's marker (dataset.outputs)
     del proto.metadata_props[:]
     for key, value in encode_metadata(metadata).items():
         proto.metadata_props.add(key=key, value=value)
     data_name = os.path.basename(path) + ".data"
     files = [path] + ([os.path.join(folder, data_name)] if external_data else [])
+    check_writable([path, os.path.join(folder, data_name)], "--out", folder)
     try:
         for stale in files[1:]:
             if os.path.exists(stale):

@@ -78,17 +78,20 @@ def run_name(key, dataset: str) -> str:
 
 
 def write_runs(runs: dict, save_path: str, dataset: str, settings: dict, extra: dict,
-               suffix: str = "") -> tuple[dict, dict, dict]:
+               suffix: str = "", with_mean: bool = True) -> tuple[dict, dict, dict]:
     """``results_<dataset><suffix>``: the single run of ``runs`` ({seed or (seed, shot seed):
     {class: row}}), or mean ± std over the runs beside each run's own files
-    (:func:`run_name`). ``settings`` holds "seeds"; ``extra`` goes into every JSON. Returns
+    (:func:`run_name`). ``settings`` holds "seeds"; ``extra`` goes into every JSON;
+    ``with_mean`` False leaves the mean rows out of the files (the files of a run whose
+    classes are not all in: a mean over some classes would read as the dataset's). Returns
     ({None: the main table, run: each run's}, the main mean row, its std over the runs ({}
     for one run))."""
     keys = list(runs)
     main = f"results_{dataset}{suffix}"
     if len(keys) == 1:
         table, mean = write_results(runs[keys[0]], save_path, dataset, settings, name=main,
-                                    extra={"seeds": settings["seeds"], **extra})
+                                    extra={"seeds": settings["seeds"], **extra},
+                                    with_mean=with_mean)
         return {None: table}, mean, {}
     tables = {}
     for key in keys:
@@ -96,32 +99,37 @@ def write_runs(runs: dict, save_path: str, dataset: str, settings: dict, extra: 
         tables[key], _ = write_results(
             runs[key], save_path, dataset,
             {**settings, "seed": seed, **({} if shot is None else {"shot_seed": shot})},
-            name=run_name(key, dataset) + suffix, extra={"seeds": [seed], **extra})
+            name=run_name(key, dataset) + suffix, extra={"seeds": [seed], **extra},
+            with_mean=with_mean)
     summary = over_seeds(runs)
     tables[None], mean = write_results(
         summary["classes"], save_path, dataset, settings, summary["std"], summary["mean"],
         summary["mean_std"], name=main,
         extra={"seeds": settings["seeds"],
-               "runs": [list(k) if isinstance(k, tuple) else k for k in keys], **extra})
+               "runs": [list(k) if isinstance(k, tuple) else k for k in keys], **extra},
+        with_mean=with_mean)
     return tables, mean, summary["mean_std"]
 
 
 def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
                   settings: dict | None = None, spreads: dict | None = None,
                   mean_row: dict | None = None, mean_spread: dict | None = None,
-                  name: str | None = None, extra: dict | None = None) -> tuple[str, dict]:
+                  name: str | None = None, extra: dict | None = None,
+                  with_mean: bool = True) -> tuple[str, dict]:
     """Table (returned), ``<name>.csv`` and ``<name>.json`` (``name``: results_<dataset>).
 
     With ``spreads`` (class -> column -> std over seeds) and ``mean_spread`` the CSV gets a
     ``<column>_std`` column beside each column, the JSON ``std`` and ``mean_std``; ``extra``
-    goes into the JSON as it is (the seeds, the provenance)."""
+    goes into the JSON as it is (the seeds, the provenance); ``with_mean`` False: no mean row in
+    the CSV, and the JSON's mean (and mean_std) null."""
     table, mean_row = summarise(rows, spreads, mean_row, mean_spread)
     name = name or f"results_{dataset_name}"
     columns = [c for column in COLUMNS for c in ((column, f"{column}_std") if spreads
                                                   else (column,))]
-    every = {**{k: ({**r, **{f"{c}_std": v for c, v in (spreads or {}).get(k, {}).items()}})
-                for k, r in rows.items()},
-             "mean": {**mean_row, **{f"{c}_std": v for c, v in (mean_spread or {}).items()}}}
+    every = {k: ({**r, **{f"{c}_std": v for c, v in (spreads or {}).get(k, {}).items()}})
+             for k, r in rows.items()}
+    if with_mean:
+        every["mean"] = {**mean_row, **{f"{c}_std": v for c, v in (mean_spread or {}).items()}}
     text = io.StringIO()
     w = csv.writer(text)
     w.writerow(["class", *columns])
@@ -129,9 +137,9 @@ def write_results(rows: dict[str, dict], save_path: str, dataset_name: str,
         w.writerow([key] + ["" if row.get(c) is None else f"{row[c]:.6f}" for c in columns])
     write_text(os.path.join(save_path, f"{name}.csv"), text.getvalue())
     result = {"written_by": WRITTEN_BY, "dataset": dataset_name, "classes": rows,
-              "mean": mean_row, "settings": settings or {}}
+              "mean": mean_row if with_mean else None, "settings": settings or {}}
     if spreads is not None:
-        result.update(std=spreads, mean_std=mean_spread)
+        result.update(std=spreads, mean_std=mean_spread if with_mean else None)
     result.update(extra or {})
     write_text(os.path.join(save_path, f"{name}.json"), json.dumps(result, indent=2) + "\n")
     return table, mean_row

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from dataset.augment import opencv_warning
 from dataset.data import AnomalyDataset, make_loader
+from dataset.outputs import check_apart
 from dataset.registry import dataset_info
 from models import BayesPFL, load_clip
 from models.checkpoint import atomic_save, save_checkpoint
@@ -93,11 +94,21 @@ class Trainer:
         self._resume_state = read_resume_state(cfg.resume, cfg) if cfg.resume else None
         self.started = time.time()
         self.plan = plan_data(cfg)
+        # the run folder apart from the data: no checkpoint or log lands on a dataset's file
+        check_apart(cfg.save_path, "--save_path", [("--train_data_path", self.plan.train_root),
+                                                   ("--val_data_path", self.plan.val_root)])
         train_ds = AnomalyDataset(self.plan.train_root, self.plan.train_dataset, mode="train",
                                   image_size=cfg.image_size, class_names=self.plan.train_classes,
                                   seed=cfg.seed)
         self.val_ds = AnomalyDataset(self.plan.val_root, self.plan.val_dataset, mode="test",
                                      image_size=cfg.image_size, class_names=self.plan.val_classes)
+        if train_ds.classification_only:
+            raise TrainingError(
+                f"training dataset {self.plan.train_dataset} ({train_ds.meta_file}) has no masks "
+                f"(classification only): stage 1's focal and dice losses would train every "
+                f"anomalous image on an all-zero mask; train on data with a mask for every "
+                f"anomalous image (python -m dataset.folder ROOT --dataset NAME --mask_dir "
+                f"DIR)")
         check_validation_data(self.val_ds)
         self.data_records = [
             data_record(self.plan.train_root, self.plan.train_dataset,
