@@ -46,8 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="good images of the part (files, folders or glob patterns): their "
                         "few-shot memory bank is baked in, and anomaly_map is the zero-shot map "
                         "plus --fewshot_weight times the few-shot map")
-    p.add_argument("--fewshot_weight", type=non_negative_float, default=1.0,
-                   help="weight of the few-shot map in the anomaly map (with --reference)")
+    p.add_argument("--fewshot_weight", type=non_negative_float, default=None,
+                   help="weight of the few-shot map in the anomaly map (with --reference; "
+                        "default 1)")
     p.add_argument("--uncertainty", action="store_true",
                    help="also the outputs anomaly_map_std, image_score_std and score_std (the "
                         "spread over the prompt samples; predict.py --onnx --uncertainty)")
@@ -91,7 +92,12 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.fewshot_weight is not None and not args.reference:
+        parser.error("--fewshot_weight applies to the few-shot mode only: add --reference "
+                     "PATH ..., or drop --fewshot_weight")
+    args.fewshot_weight = 1.0 if args.fewshot_weight is None else args.fewshot_weight
     setup_logging(level=logging.WARNING)
     try:
         summary = run(args)

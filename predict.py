@@ -33,7 +33,7 @@ from dataset.outputs import check_writable, clear_own, kept_note
 from utils.cli import (Parser, add_model_arguments, add_runtime_arguments, add_weight_arguments,
                        class_name_text, fail, interrupt_on_sigterm, model_request,
                        non_negative_float, positive_int, probability, seed_int)
-from utils.discovery import LeftOut, left_out_summary
+from utils.discovery import LeftOut, file_key, left_out_summary
 from utils.inference import (PICTURE_FOLDERS, PREDICTION_FILES, InputError, OnnxDetector,
                              find_inputs, find_references, output_files, predict_folder,
                              references_of)
@@ -147,6 +147,14 @@ def run(args) -> dict:
     class_name = args.class_name or (exported.class_name if exported else None)
     inputs = find_inputs(args.input, args.out, class_name, args.calibrate)
     references = find_references(args.reference, args.out) if args.reference else None
+    if references:
+        scored = {file_key(i.path) for i in inputs.items}
+        both = [p for p in references if file_key(p) in scored]
+        if both:
+            raise InputError(f"{both[0]} is both an image to score (--input) and a reference "
+                             f"(--reference){'' if len(both) == 1 else f', and {len(both) - 1} more'}"
+                             f": compared with itself its few-shot map is 0; give references "
+                             f"that are not among the images scored")
     for spec, reason in inputs.unmatched:
         warn(f"no images in '{spec}': {reason}")
     if inputs.calibration:
@@ -161,8 +169,8 @@ def run(args) -> dict:
                  f"is a rough guess; give more known-good images")
         baked = exported.metadata.get("reference_paths") or [] if exported else []
         if references is not None or baked:
-            shared = {os.path.realpath(p) for p in (references or baked)} & {
-                os.path.realpath(i.path) for i in inputs.calibration}
+            shared = {file_key(p) for p in (references or baked)} & {
+                file_key(i.path) for i in inputs.calibration}
             if shared:
                 warn(f"{len(shared)} calibration image(s) are also references: their few-shot "
                      f"map is 0, so the threshold comes out too low; calibrate on other good "
@@ -183,15 +191,17 @@ def run(args) -> dict:
                 if references else None)
         settings = {**vars(args), "model_spec": detector.spec.to_dict()}
     weights = (None, None) if exported else (args.pretrained_path, args.checkpoint_path)
+    outputs = output_files(args.out, inputs, not args.no_overlay, args.uncertainty)
+    if os.path.isdir(args.out):            # refused before the folder is even marked
+        check_writable(outputs, "--out", args.out)
     make_output_folder(args.out, "--out")
     with folder_lock(os.path.join(args.out, LOCK_FILE),
                      f"--out {args.out} is being written by another predict.py",
                      "no predict.py is running", OutputError):
         # nothing of the user's is written over; only the earlier run's own files go
-        check_writable(output_files(args.out, inputs, not args.no_overlay, args.uncertainty),
-                       "--out", args.out)
+        check_writable(outputs, "--out", args.out)
         replaced, kept = clear_own([os.path.join(args.out, name)
-                                    for name in PREDICTION_FILES + PICTURE_FOLDERS], args.out)
+                                    for name in PICTURE_FOLDERS + PREDICTION_FILES], args.out)
         if replaced:
             warn(f"replaced the previous run's {len(replaced)} file(s) in {args.out}")
         if kept:
@@ -251,8 +261,9 @@ def get_parser() -> argparse.ArgumentParser:
     limit.add_argument("--calibrate", metavar="NORMAL_DIR", default=None,
                        help="images known to be good: the threshold is --percentile of their "
                             "scores")
-    p.add_argument("--percentile", type=float, default=100.0,
-                   help="with --calibrate: percentile (0..100) of the good images' scores; "
+    p.add_argument("--percentile", type=float, default=None,
+                   help="with --calibrate (default 100): percentile (0..100) of the good images' "
+                        "scores; "
                         "100 = their maximum")
     p.add_argument("--reference", nargs="+", default=None, metavar="PATH",
                    help="good images of the part (files, folders or glob patterns): the few-shot "
@@ -276,6 +287,10 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.percentile is not None and args.calibrate is None:
+        parser.error("--percentile applies to --calibrate only: add --calibrate GOOD_DIR, or "
+                     "drop --percentile")
+    args.percentile = 100.0 if args.percentile is None else args.percentile
     if not 0.0 <= args.percentile <= 100.0:
         parser.error(f"--percentile must be within 0..100, not {args.percentile:g}")
     if args.fewshot_weight is not None and not (args.reference or args.onnx):

@@ -32,8 +32,8 @@ from models.errors import UserError
 from utils import distributed
 from utils.cli import (DEFAULT_CHECKPOINT, DEFAULT_CLIP, WORKERS_HELP, Parser,
                        add_model_arguments, add_runtime_arguments, default_workers,
-                       interrupt_on_sigterm, model_request, non_negative_float, positive_int,
-                       seed_int)
+                       interrupt_on_sigterm, model_request, non_negative_float,
+                       non_negative_int, positive_int, seed_int)
 from utils.distributed_eval import ClassShards, agree
 from utils.evaluate import evaluate_runs, reference_banks, run_label
 from utils.pictures import picture_names
@@ -75,7 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(p)
     p.add_argument("--batch_size", type=positive_int, default=1,
                    help="images per forward; results do not depend on it")
-    p.add_argument("--num_workers", type=int, default=None, help=WORKERS_HELP)
+    p.add_argument("--num_workers", type=non_negative_int, default=None, help=WORKERS_HELP)
     p.add_argument("--no_vis", action="store_true", help="skip the pictures")
     p.add_argument("--save_uncertainty", action="store_true",
                    help="a fifth panel in the pictures: the per-pixel spread of the anomaly "
@@ -105,6 +105,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             if getattr(args, flag) is not None:
                 parser.error(f"--{flag} applies to the few-shot mode only: add --k_shot K, or "
                              f"drop --{flag}")
+    for flag in ("seeds", "shot_seeds"):
+        values = getattr(args, flag) or []
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            parser.error(f"--{flag} repeats {' '.join(map(str, repeated))}: give each seed once "
+                         f"(a repeated seed would add a copy of one run to the mean ± std)")
     args.shot_seeds = args.shot_seeds if args.shot_seeds is not None else [0]
     args.fewshot_weight = args.fewshot_weight if args.fewshot_weight is not None else 1.0
 
@@ -142,10 +148,15 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         if distributed.is_main():
-            logging.getLogger("bayes_pfl").error(
-                "interrupted: the classes evaluated so far are in %s (marked incomplete); "
-                "rerun to replace them", os.path.join(args.save_path, f"results_{args.dataset}"
-                                                      f"{INCOMPLETE}.json"))
+            partial = os.path.join(args.save_path, f"results_{args.dataset}{INCOMPLETE}.json")
+            if os.path.isfile(partial):
+                logging.getLogger("bayes_pfl").error(
+                    "interrupted: the classes evaluated so far are in %s (marked incomplete); "
+                    "rerun to replace them", partial)
+            else:
+                logging.getLogger("bayes_pfl").error(
+                    "interrupted before any class was evaluated: no result file of this run "
+                    "was written (an earlier run's complete results, if any, are kept)")
         return 130
     finally:
         held.close()                      # the lock of --save_path
@@ -183,13 +194,15 @@ def prepare(args, device, held: ExitStack) -> tuple:
                  for path in (sample["img_path"], sample["mask_path"]) if path])
     replaced: list[str] = []
     if distributed.is_main():
+        planned = planned_outputs(args, dataset, seeds, shot_seeds)
+        if os.path.isdir(args.save_path):      # refused before the folder is even marked
+            check_writable(planned, "--save_path", args.save_path)
         make_output_folder(args.save_path)
         held.enter_context(folder_lock(
             os.path.join(args.save_path, LOCK_FILE),
             f"--save_path {args.save_path} is being written by another test.py",
             "no test.py is running", OutputError))
-        check_writable(planned_outputs(args, dataset, seeds, shot_seeds), "--save_path",
-                       args.save_path)
+        check_writable(planned, "--save_path", args.save_path)
         replaced, kept = clear_previous_outputs(args, dataset.class_names)
         if kept:
             logging.getLogger("bayes_pfl").warning("%s", kept_note(kept, "--save_path",
@@ -284,15 +297,21 @@ def picture_folder(args) -> str:
     return os.path.join(args.save_path, "imgs", args.dataset)
 
 
-def clear_previous_outputs(args, classes) -> tuple[list[str], list[str]]:
-    """Remove what an earlier test.py run of this dataset wrote into --save_path (its result
-    files, complete or incomplete, its log, and the pictures of ``classes``, the classes
-    evaluated now), so that this run's files never mix with an older run's; only files that
-    carry the project's marker go (dataset.outputs). Returns (removed, kept)."""
+def _previous_results(args) -> list[str]:
+    """The result files of this dataset in --save_path (complete or incomplete, any seed)."""
     pattern = re.compile(rf"^(seed-?\d+_(shot-?\d+_)?)?results_{re.escape(args.dataset)}"
                          rf"({re.escape(INCOMPLETE)})?\.(csv|json)$")
-    paths = [os.path.join(args.save_path, name) for name in sorted(os.listdir(args.save_path))
-             if pattern.match(name) or name == f"test_{args.dataset}.log"]
+    return [os.path.join(args.save_path, name) for name in sorted(os.listdir(args.save_path))
+            if pattern.match(name)]
+
+
+def clear_previous_outputs(args, classes) -> tuple[list[str], list[str]]:
+    """Before the run: remove an earlier run's incomplete result files of this dataset and its
+    pictures of ``classes`` (the classes evaluated now), so that this run's pictures never mix
+    with an older run's. Its complete result files stay until this run's are complete
+    (:func:`write_all`): a rerun that fails loses nothing. Only files that carry the project's
+    marker go (dataset.outputs). Returns (removed, kept)."""
+    paths = [p for p in _previous_results(args) if INCOMPLETE in os.path.basename(p)]
     paths += [os.path.join(picture_folder(args), name) for name in classes]
     return clear_own(paths, args.save_path)
 
@@ -308,12 +327,15 @@ def write_all(args, runs: dict, settings: dict, extra: dict, pending: list[str])
                               suffix, with_mean=not pending)
     names = [f"results_{args.dataset}"] + ([run_name(k, args.dataset) for k in runs]
                                            if len(runs) > 1 else [])
-    if not pending:                   # complete: the incomplete files are gone
-        for name in names:
-            for ext in (".csv", ".json"):
-                path = os.path.join(args.save_path, name + INCOMPLETE + ext)
-                if os.path.exists(path):
-                    os.remove(path)
+    if not pending:     # complete: the incomplete files and an earlier run's others are gone
+        written = {os.path.join(args.save_path, name + ext) for name in names
+                   for ext in (".csv", ".json")}
+        stale = [p for p in _previous_results(args) if p not in written]
+        removed, _ = clear_own(stale, args.save_path)
+        if removed and any(INCOMPLETE not in name for name in removed):
+            logging.getLogger("bayes_pfl").info(
+                "removed the earlier run's result files this run does not write: %s",
+                ", ".join(n for n in removed if INCOMPLETE not in n))
     return tables
 
 

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--patience", type=int, default=d.patience,
       help="official counter: stage 1 switches (stage 2 stops) at the (patience + 1)-th "
            "consecutive epoch without improvement, i.e. the 4th with the official 3")
-    a("--stop_after", type=int, default=None,
+    a("--stop_after", type=positive_int, default=None,
       help="stop after this epoch, resumably (e.g. for time-limited jobs)")
     return p
 

@@ -249,6 +249,8 @@ class AnomalyDataset(Dataset):
             kept = [self._check_sample(entry, cls_name, index)
                     for index, entry in enumerate(entries)]
             self._warn_repeated(kept, cls_name)
+            if mode == "test":
+                self._warn_normal_masks(entries, cls_name)
             if not kept:
                 raise DatasetError(
                     f"Class {cls_name!r} of {dataset_name} has no test images in "
@@ -306,6 +308,18 @@ class AnomalyDataset(Dataset):
             "specie_name": entry.get("specie_name") or ("anomaly" if anomaly else "good"),
             "label": int(anomaly),
         }
+
+    def _warn_normal_masks(self, entries: list, cls_name: str) -> None:
+        """One warning line for a class whose normal entries carry a mask_path: normal images
+        get all-zero masks (SPEC), so those files are not read."""
+        named = [e.get("mask_path") for e in entries if isinstance(e, dict)
+                 and e.get("anomaly") == 0 and e.get("mask_path")]
+        if named:
+            log.warning("class %s of %s: %d normal entr%s in %s name a mask (e.g. %s); normal "
+                        "images are scored against an all-zero mask, so the file is not read: "
+                        "move the image among the anomalous ones if it has a defect",
+                        cls_name, self.dataset_name, len(named), "y" if len(named) == 1 else
+                        "ies", self.meta_file, named[0])
 
     def _warn_repeated(self, samples: list[dict], cls_name: str) -> None:
         """One warning line for a class whose entries repeat an image (each copy is scored

@@ -205,20 +205,28 @@ def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[st
     """The meta dictionary of the labelled folder ``root`` (see the module docstring) and its
     class listings, every file checked; nothing is written. ``seed`` defaults to 0 when
     ``n_train`` is given."""
+    if not os.fspath(root).strip():
+        raise SettingsError(f"ROOT {os.fspath(root)!r}: pass the folder holding your class "
+                            f"folders (or your good/ and anomaly folders).")
     root = Path(root)
     _check_settings(name, normal_dir, n_train, seed)
     if n_train and seed is None:
         seed = 0
-    accounts = Accounts()
+    if mask_dir is not None and (not mask_dir.strip() or (not os.path.isabs(mask_dir) and (
+            not Path(mask_dir).parts or Path(mask_dir).parts[0] == "."))):
+        raise SettingsError(f"--mask_dir {mask_dir!r}: pass the folder of the masks inside each "
+                            f"class folder (e.g. masks or labels/png), or an absolute folder.")
+    accounts = Accounts(root=root)
     found = find_classes(root, normal_dir, mask_dir, accounts)
     if mask_dir and os.path.isabs(mask_dir) and len(found) > 1:
         raise SettingsError(f"--mask_dir {mask_dir} is absolute but {root} holds {len(found)} "
                             f"classes: pass a folder relative to each class folder.")
     for cls, _ in found:
-        if cls in RESERVED_CLASS_NAMES:
+        if cls.lower() in RESERVED_CLASS_NAMES:
             raise SettingsError(f"Class folder {root / cls if len(found) > 1 else root}: a class "
                                 f"named '{cls}' would share the result tables' row of the mean "
                                 f"over the classes: rename the folder.")
+    check_shared_mask_folders(found, mask_dir)
     listings = [list_class(cls, folder, normal_dir, mask_dir, accounts) for cls, folder in found]
     if len(found) > 1 or found[0][1] != root:
         _account_root(root, [folder for _, folder in found], mask_dir, accounts)
@@ -226,7 +234,6 @@ def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[st
         raise SettingsError(f"--mask_dir {mask_dir}: no such folder in "
                             f"{', '.join(str(listing.folder) for listing in listings)}: pass the "
                             f"folder of the masks, relative to the class folder or absolute.")
-    check_shared_mask_folders(listings, mask_dir)
     _require_masks(listings, normal_dir)
     words = _wording([listing.name for listing in listings], class_name, wording)
     moved = {listing.name: _draw_train(listing, n_train, seed) if n_train else []
@@ -248,8 +255,14 @@ def folder_meta(root, name: str, normal_dir: str = "good", mask_dir: Optional[st
                         cls, NORMAL_SPECIE if kind is None else kind, name)
             for path, kind in listing.test if path not in taken]
         listing.test = [(path, kind) for path, kind in listing.test if path not in taken]
+    used = {p for listing in listings for p in (*listing.train, *(i for i, _ in listing.test),
+                                                 *listing.masks.values())}
+    listed: Dict[Path, str] = {}
+    for path, reason in accounts.left_out:           # once each, and never a file used
+        if path not in used:
+            listed.setdefault(path, reason)
     left_out = [{"path": _relative(path, root), "reason": reason}
-                for path, reason in sorted(accounts.left_out, key=lambda e: str(e[0]))]
+                for path, reason in sorted(listed.items(), key=lambda e: str(e[0]))]
     meta["info"] = {"source": SOURCE,
                     "layout": {listing.name: listing.layout for listing in listings},
                     "classification_only": not has_masks, "wording": words,
@@ -331,6 +344,17 @@ def class_summary(listing: ClassListing) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+class _WordingPairs(argparse.Action):
+    """--wording FOLDER=WORDS, repeatable; a folder given twice is refused (which would win?)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        pairs = list(getattr(namespace, self.dest) or [])
+        if value[0] in dict(pairs):
+            parser.error(f"--wording names the folder {value[0]} twice: give each folder its "
+                         f"words once")
+        setattr(namespace, self.dest, pairs + [value])
+
+
 def _wording_pair(text: str) -> Tuple[str, str]:
     folder, sep, words = text.partition("=")
     if not sep or not folder:
@@ -342,7 +366,7 @@ def _wording_pair(text: str) -> Tuple[str, str]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dataset.folder",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="the folder of classes (or of one class)")
+    parser.add_argument("root", help="the folder of classes (or of one class)")
     parser.add_argument("--dataset", required=True,
                         help="dataset name: writes ROOT/meta_<dataset>.json")
     parser.add_argument("--normal_dir", default="good",
@@ -354,7 +378,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     words = parser.add_mutually_exclusive_group()
     words.add_argument("--class_name", default=None,
                        help="the words of every class in the prompts, e.g. 'metal nut'")
-    words.add_argument("--wording", type=_wording_pair, action="append", default=None,
+    words.add_argument("--wording", type=_wording_pair, action=_WordingPairs, default=None,
                        metavar="FOLDER=WORDS",
                        help="the words of one class in the prompts (repeatable); default: the "
                             "official wording of the name, else the folder name with '_' read "

@@ -6,8 +6,8 @@ for its outputs.
   no later run reads an output as an input.
 - **Only its own files are replaced or removed.** Every file the project writes carries its
   marker: the pictures (PNG) a ``tEXt`` chunk ``Software: Bayes-PFL`` (:func:`marked_png`),
-  JSON files a ``"written_by"`` key, ONNX files their ``doc_string``, CSV files their header,
-  logs their line format (:func:`is_own_file`). An earlier run's files are removed only when they carry it
+  JSON files a ``"written_by"`` key, ONNX files their ``doc_string``, checkpoints their
+  provenance record, CSV files their header, logs their line format (:func:`is_own_file`). An earlier run's files are removed only when they carry it
   (:func:`clear_own`), and a run whose output would land on a file without it stops before
   writing anything (:func:`check_writable`).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 import re
 import struct
 import zlib
@@ -83,6 +84,8 @@ def is_own_file(path: str) -> bool:
         if ext == ".onnx":            # export.py's doc_string, serialised before the graph
             with open(path, "rb") as handle:
                 return ONNX_MARKER in handle.read(1 << 16)
+        if ext == ".pth":
+            return is_own_checkpoint(path)
         if ext == ".data" and path.lower().endswith(".onnx.data"):
             return is_own_file(path[:-len(".data")])      # the weights of an own ONNX file
         if ext == ".json":
@@ -102,6 +105,21 @@ def is_own_file(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return False
+
+
+def is_own_checkpoint(path: str) -> bool:
+    """True when ``path`` is a torch zip archive whose pickle holds the records train.py
+    writes beside the weights (``provenance``; ``global_step`` in a resumable last.pth): the
+    released checkpoints and other files are not the project's."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            if name is None or archive.getinfo(name).file_size > (16 << 20):
+                return False
+            pickle = archive.read(name)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return b"provenance" in pickle or b"global_step" in pickle
 
 
 def _real(path: str) -> str:
@@ -171,10 +189,15 @@ def clear_own(paths: Sequence[str], folder: str) -> Tuple[List[str], List[str]]:
 
 
 def _remove_if_own(path: str) -> bool:
-    if is_own_file(path):
+    if not is_own_file(path):
+        return False
+    try:
         os.remove(path)
-        return True
-    return False
+    except OSError as error:
+        raise OutputError(f"cannot remove {path}, an earlier run's file "
+                          f"({error.strerror or error}): make its folder writable, or choose "
+                          f"another output folder") from None
+    return True
 
 
 def _remove_empty(folder: str) -> None:

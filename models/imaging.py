@@ -31,7 +31,9 @@ that on request); for a file without an orientation tag both readings are identi
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError
 from .filekind import file_kind
 
+log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # PIL modes of more than 8 bits per channel (16-bit grey, 32-bit integer, 32-bit float).
@@ -63,7 +66,14 @@ def _open(path: str, what: str, exif_transpose: bool = False) -> Image.Image:
     try:
         with Image.open(path) as handle:
             handle.load()
-            return ImageOps.exif_transpose(handle) if exif_transpose else handle.copy()
+            if exif_transpose:
+                try:
+                    return ImageOps.exif_transpose(handle)
+                except _READ_ERRORS + (KeyError, TypeError, struct.error) as error:
+                    # an EXIF block that cannot be read holds no orientation one could apply
+                    log.warning("%s %s: its EXIF data cannot be read (%s: %s); read as stored",
+                                what, path, type(error).__name__, error)
+            return handle.copy()
     except _READ_ERRORS as error:
         raise ImageReadError(f"cannot read {what} {path} ({type(error).__name__}: {error}); "
                              f"check that it is an image file and not damaged") from None

@@ -235,7 +235,8 @@ def test_every_file_is_used_or_listed(tmp_path, capsys):
     (root / "good" / "notes.txt").write_text("x")
     (root / "good" / ".DS_Store").write_text("x")
     (root / "scratch" / "README").write_text("x")
-    mask(root / "ground_truth" / "good" / "a.png")
+    (root / "ground_truth" / "good").mkdir(parents=True)
+    Image.new("L", (16, 12)).save(root / "ground_truth" / "good" / "a.png")   # all zero
     code, out, _ = run(capsys, root)
     assert code == 0
     assert out[-2] == ("3 images used (train 0, test 3), 1 masks; 4 left out: 2 not an image "
@@ -262,3 +263,116 @@ def test_n_train_on_a_class_without_normal_images_says_so(tmp_path, capsys):
     flat_class(tmp_path / "part", normal=())
     said = fails(capsys, tmp_path / "part", "--n_train", "1")
     assert said.startswith("--n_train 1: class part") and "has no normal test image" in said
+
+
+# ------------------------------------------------------------------------------------------------
+# The hostile round's cases
+
+
+@pytest.mark.parametrize("link, target", [("good/more", "../crack"),
+                                          ("good/dup.png", "../crack/x.png"),
+                                          ("good/loop", "..")])
+def test_a_link_back_into_the_dataset_stops(tmp_path, capsys, link, target):
+    """A link inside good/ to the crack folder, to a crack image or to the class itself once
+    read the defective image (and a mask) as normal too."""
+    root = tmp_path / "part"
+    image(root / "good" / "a.png")
+    image(root / "crack" / "x.png")
+    mask(root / "ground_truth" / "crack" / "x_mask.png")
+    (root / link).symlink_to(target)
+    said = fails(capsys, root)
+    assert said.startswith(f"{root / link} is a link to ") and "lies in the dataset" in said
+    # a link to a folder outside the dataset is followed
+    (root / link).unlink()
+    image(tmp_path / "elsewhere" / "b.png")
+    (root / "good" / "more").symlink_to(tmp_path / "elsewhere")
+    assert run(capsys, root)[0] == 0
+    assert "good/more/b.png" in {s["img_path"] for s in meta(root)["test"]["part"]}
+
+
+def test_the_same_file_twice_through_hard_links_stops(tmp_path, capsys):
+    root = tmp_path / "part"
+    flat_class(root)
+    (root / "good" / "c.png").hardlink_to(root / "scratch" / "x.png")
+    assert "are the same file" in fails(capsys, root)
+
+
+@pytest.mark.parametrize("where", ["GROUND_TRUTH/crack/c_mask.png", "Masks/crack/c_mask.png",
+                                   "crack/masks/c_mask.png", "crack/c_mask.png"])
+def test_mask_folders_out_of_place_or_case_stop(tmp_path, capsys, where):
+    """Mask folders in another case, a mask folder inside an anomaly folder, a mask beside its
+    image: each once became anomalous images, the pixel metrics gone without a word."""
+    root = tmp_path / "part"
+    image(root / "good" / "a.png")
+    image(root / "crack" / "c.png")
+    mask(root / where)
+    said = fails(capsys, root)
+    assert any(words in said for words in ("only in case", "named like a mask folder",
+                                           "reads two ways")), said
+
+
+def test_a_mask_folder_among_the_test_types_stops(tmp_path, capsys):
+    root = tmp_path / "part"
+    image(root / "train" / "good" / "t.png")
+    image(root / "test" / "good" / "g.png")
+    image(root / "test" / "crack" / "c.png")
+    mask(root / "test" / "ground_truth" / "crack" / "c_mask.png")
+    assert "lies among the anomaly types" in fails(capsys, root)
+
+
+def test_a_mask_of_a_normal_image_with_defect_pixels_stops(tmp_path, capsys):
+    root = tmp_path / "part"
+    flat_class(root)
+    mask(root / "ground_truth" / "good" / "a_mask.png")          # defect pixels
+    assert fails(capsys, root).startswith(
+        f"Mask {root / 'ground_truth' / 'good' / 'a_mask.png'} of the normal images marks "
+        f"defect pixels")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--mask_dir", "."], "--mask_dir '.': pass the folder of the masks"),
+    (["--mask_dir", ""], "--mask_dir '': pass the folder of the masks")])
+def test_bad_mask_dirs_are_one_line(tmp_path, capsys, args, said):
+    flat_class(tmp_path / "part")
+    assert fails(capsys, tmp_path / "part", *args).startswith(said)
+
+
+def test_an_empty_root_is_refused_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    flat_class(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main(["", "--dataset", "mine", "--no_progress"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and err == ["dataset.folder: ROOT '': pass the folder holding your class "
+                                 "folders (or your good/ and anomaly folders)."]
+    assert not (tmp_path / "meta_mine.json").exists()
+
+
+def test_a_mask_dir_inside_a_default_mask_folder_is_used_once(tmp_path, capsys):
+    """An absolute --mask_dir inside ground_truth/: its masks are used, and listed nowhere as
+    left out."""
+    root = tmp_path / "part"
+    flat_class(root)
+    assert run(capsys, root, "--mask_dir", root / "ground_truth" / "scratch")[0] == 0
+    m = meta(root)
+    (entry,) = [s for s in m["test"]["part"] if s["anomaly"]]
+    assert entry["mask_path"] == "ground_truth/scratch/x_mask.png"
+    assert m["info"]["left_out"] == []
+
+
+def test_wording_twice_and_a_class_named_like_mean_are_refused(tmp_path, capsys):
+    for cls in ("bottle", "Mean"):
+        flat_class(tmp_path / cls)
+    assert "a class named 'Mean' would share" in fails(capsys, tmp_path)
+    (tmp_path / "Mean").rename(tmp_path / "cable")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--dataset", "mine", "--wording", "bottle=screw", "--wording",
+              "bottle=nail"])
+    assert "names the folder bottle twice" in capsys.readouterr().err
+
+
+def test_meta_files_and_markers_in_a_class_root_are_listed_as_such(tmp_path, capsys):
+    root = tmp_path / "part"
+    flat_class(root)
+    (root / "meta_other.json").write_text("{}")
+    assert run(capsys, root)[0] == 0
+    assert {"path": "meta_other.json", "reason": "a meta file"} in meta(root)["info"]["left_out"]

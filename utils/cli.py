@@ -53,6 +53,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (argparse type)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """A seed within 0 .. SEED_MAX (argparse type)."""
     value = int(text)

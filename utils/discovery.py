@@ -42,6 +42,16 @@ class LeftOut(NamedTuple):
     reason: str
 
 
+def file_key(path: str) -> tuple:
+    """What makes two paths one file: (device, inode), so that hard and symbolic links to one
+    file compare equal (the real path where the file cannot be stat'ed)."""
+    try:
+        stat = os.stat(path)
+        return (stat.st_dev, stat.st_ino)
+    except OSError:
+        return (os.path.realpath(path),)
+
+
 def _inside(path: str, folders: Sequence[str]) -> bool:
     real = os.path.realpath(path)
     return any(real == f or real.startswith(f + os.sep) for f in folders)
@@ -203,18 +213,28 @@ def left_out_summary(left_out: Sequence[LeftOut]) -> str:
 
 def overlay_names(items: Sequence[ImageItem]) -> list[str]:
     """Relative overlay file names: the image's relative path with a .png extension; the full
-    file name is kept (a.jpg -> a.jpg.png) where two images would share one name."""
+    file name is kept (a.jpg -> a.jpg.png) where two images would share one name, or where a
+    name would be a folder of another image's overlay (x.jpg beside a folder x.png/), then a
+    number; compared without case, as case-insensitive file systems do."""
+    folders = set()                                  # every folder the overlays will need
+    for item in items:
+        parts = os.path.normpath(item.relpath).split(os.sep)[:-1]
+        folders.update(os.path.join(*parts[:k]).lower() for k in range(1, len(parts) + 1))
     names, taken = [], set()
+
+    def free(name: str) -> bool:
+        return name.lower() not in taken and name.lower() not in folders
+
     for item in items:
         stem = os.path.splitext(item.relpath)[0]
         candidates = [stem + ".png", item.relpath + ".png"]
-        name = next((c for c in candidates if c not in taken), None)
+        name = next((c for c in candidates if free(c)), None)
         n = 1
         while name is None:
-            if f"{stem}_{n}.png" not in taken:
+            if free(f"{stem}_{n}.png"):
                 name = f"{stem}_{n}.png"
             n += 1
-        taken.add(name)
+        taken.add(name.lower())
         names.append(name)
     return names
 

@@ -43,7 +43,7 @@ from models.errors import InputError
 from models.fewshot import ReferenceBank
 from models.imaging import preprocess, preprocess_image, to_pil_image
 from models.noise import shared_noise
-from utils.discovery import (ImageItem, LeftOut, collect_images, group_by_class,
+from utils.discovery import (ImageItem, LeftOut, collect_images, file_key, group_by_class,
                              left_out_summary, overlay_names, why_no_images)
 from utils.onnx_detector import OnnxDetector
 from utils.protocol import gaussian_smooth, topk_for_class
@@ -387,8 +387,8 @@ def find_inputs(inputs: Sequence[str], out: str | None = None, class_name: str |
         if not calibration:
             raise InputError(f"no images found in the calibration folder '{calibrate}' "
                              f"({why_no_images(calibrate)})")
-        scored = {os.path.realpath(i.path) for i in items}
-        both = [i.path for i in calibration if os.path.realpath(i.path) in scored]
+        scored = {file_key(i.path) for i in items}
+        both = [i.path for i in calibration if file_key(i.path) in scored]
         if both:
             raise InputError(f"{both[0]} is both an image to score (--input) and a known-good "
                              f"calibration image (--calibrate){_more(both)}: the threshold must "

@@ -23,6 +23,7 @@ traceback, a worker that died (killed) as one line; nothing waits on a dead work
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -88,9 +89,42 @@ def picture_names(samples: Sequence[dict]) -> dict[str, str]:
         for path in paths:
             stem = os.path.splitext(os.path.basename(path))[0]
             if len(paths) > 1:
-                stem += "_" + hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+                stem += "_" + _digest(path)[:8]
             names[path] = os.path.join(cls, specie, stem + ".png")
+    # a name made unique may equal another image's own name (a file called x_1a2b3c4d.png):
+    # those take more digits of the path's digest until every name is unique
+    for digits in (16, 40):
+        taken: dict[str, list[str]] = {}
+        for path, name in names.items():
+            taken.setdefault(name.lower(), []).append(path)
+        clashes = [paths for paths in taken.values() if len(paths) > 1]
+        if not clashes:
+            break
+        for paths in clashes:
+            for path in paths:
+                head, tail = os.path.split(names[path])
+                stem = os.path.splitext(os.path.basename(path))[0]
+                names[path] = os.path.join(head, f"{stem}_{_digest(path)[:digits]}.png")
     return names
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the workers start, so that they inherit it ignored: a Ctrl-C then
+    interrupts the main process only (which stops the workers), instead of every worker
+    printing a traceback of its own from wherever its start-up was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def class_jobs(outputs, smoothed: np.ndarray, threshold: float | None, out_dir: str,
@@ -188,8 +222,9 @@ class PictureWriter:
                             args=(self._jobs, self._reports, image_size,
                                   save_rgb if save is None else save))
             for i in range(workers)]
-        for process in self._workers:
-            process.start()
+        with _sigint_ignored():        # Ctrl-C is the main process's to handle
+            for process in self._workers:
+                process.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name="pictures",
                                             daemon=True)
         self._dispatcher.start()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dataset.locks import folder_lock
+from dataset.outputs import is_own_file
 from utils.results import make_output_folder
 
 from .config import TrainingError
@@ -47,7 +48,13 @@ def claimed(save_path: str, resume: bool, overwrite: bool) -> Iterator[None]:
                     f"with --overwrite (its files are deleted first), or choose another "
                     f"--save_path")
             log_file = os.path.join(save_path, "train.log")
-            for path in existing + ([log_file] if os.path.isfile(log_file) else []):
+            doomed = existing + ([log_file] if os.path.isfile(log_file) else [])
+            foreign = [p for p in doomed if not is_own_file(p)]
+            if foreign:
+                raise TrainingError(
+                    f"--overwrite would delete {foreign[0]}, which train.py did not write (it "
+                    f"carries no record of a run): move it, or choose another --save_path")
+            for path in doomed:
                 os.remove(path)
             log.info("--overwrite: removed the %d files of the previous run in %s",
                      len(existing), save_path)
