@@ -54,7 +54,7 @@ log = logging.getLogger("bayes_pfl")
 # Without weight flags: the files `python demo.py` writes (random weights; the checkpoint
 # records the demo's model settings, 224 px and layers 3 6 9 12, which the loader reads).
 DEMO_CLIP = os.path.join("demo_output", "clip_random.pt")
-DEMO_CHECKPOINT = os.path.join("demo_output", "train", "best.pth")
+DEMO_CHECKPOINT = os.path.join("demo_output", "train", "final.pth")
 # Set before Gradio (and huggingface_hub) are imported: no analytics and no version check
 # (both api.gradio.app), no Hugging Face telemetry or hub calls. The launch turns off the
 # rest: the share tunnel, server-side rendering (a Node server), the run history (which can

@@ -1,14 +1,14 @@
 """The whole Bayes-PFL method on a laptop, in a few minutes, without downloads.
 
-    python demo.py                # about 2.5 minutes on 2 CPU cores
+    python demo.py                # about 3 minutes on 2 CPU cores
 
 1. generates a synthetic MVTec-style dataset (textures and objects with scratches, cracks,
    holes, stains and missing parts, with exact masks);
 2. builds a small CLIP with RANDOM weights: pretrained CLIP weights cannot be bundled with
    the project, so this exercises and shows the method, not its real accuracy (for that, see
    test.sh with OpenAI's ViT-L/14-336 and the released checkpoints);
-3. trains Bayes-PFL (both stages, the official losses, flows and schedule) on five categories,
-   selecting (stage switch, early stop) on new images of one of them;
+3. trains Bayes-PFL (stage 1: the prompt flows, the prompts and RCA, with the official losses,
+   flows and schedule) on five categories, validating on new images of one of them;
 4. evaluates zero-shot on categories never seen in training or selection: the per-class
    table (test.py's) as mean ± std over three sampling seeds (the image tower runs once for
    all three), CSV/JSON and pictures under demo_output/;
@@ -16,12 +16,12 @@
    images) as references (test.py --k_shot 4), mean ± std over three shot seeds, and prints
    the two mean rows side by side.
 
-Demo-only settings, stated here because they differ from train.py's official defaults: the
-frozen CLIP outputs of a fixed pool of training images are computed once and reused (no
-augmentation), the "rest" parameter group (RCA projections, class mapping, ...) learns at
-1e-2 instead of 1e-4, 224 px input, batch 8, and a random CLIP of width 256 with 12 vision
-blocks (layers 3 6 9 12). With a random text tower the image-level text score stays near
-chance; the anomaly maps are what learns here.
+The demo-only settings (utils/demo.py says why each differs from train.py's defaults): cached
+frozen CLIP outputs (no augmentation), the "rest" parameter group at 5e-3, 224 px, batch 8, a
+random CLIP of width 256 with 12 vision blocks (layers 3 6 9 12), 30 epochs with a patience
+as long as the training (stage 1 throughout: the model of the last epoch is evaluated and
+kept as demo_output/train/final.pth). With a random text tower the image-level text score
+stays near chance; the anomaly maps are what learns here.
 """
 
 from __future__ import annotations
@@ -36,39 +36,26 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from dataset.data import AnomalyDataset, make_loader
-from dataset.shots import draw_references
-from dataset.synthetic import write_standard
 from models import AnomalyDetector, load_clip
+from models.checkpoint import save_checkpoint
 from models.errors import SettingsError, UserError
-from models.random_clip import make_clip_state_dict
-from utils.evaluate import evaluate_runs, reference_banks
-from utils.provenance import data_record, provenance
-from utils.results import make_output_folder, write_runs, write_text
+from utils import demo
 from utils.cli import Parser, fail, seed_int
 from utils.misc import set_seed, setup_logging
-from utils.training import TrainConfig, train
-
-TRAIN_CLASSES = ["bolt", "checker", "gravel", "pill", "weave"]
-VAL_CLASSES = ["bolt"]                      # selection, on other images than training's
-UNSEEN_CLASSES = ["mesh", "ring", "wood"]   # zero-shot evaluation only
-GEOMETRY = dict(vision_width=256, vision_layers=12, patch=16, grid=14, text_width=256,
-                text_layers=4, embed_dim=256)
-LAYERS = [3, 6, 9, 12]
-IMAGE_SIZE = 224
-TRAIN_IMAGES = 8                            # good train images of each evaluation category
-K_SHOT = 4                                  # few-shot references per category
-SHOT_SEEDS = [0, 1, 2]
+from utils.provenance import data_record, provenance
+from utils.results import make_output_folder, write_runs, write_text
+from utils.training import train
+from utils.training.config import model_spec
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = Parser(description="Bayes-PFL demo on synthetic data with a random "
-                                            "CLIP (CPU, a few minutes)")
+                           "CLIP (CPU, a few minutes)")
     p.add_argument("--out", default="./demo_output", help="everything the demo writes")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=5,
+    p.add_argument("--epochs", type=int, default=demo.EPOCHS)
+    p.add_argument("--patience", type=int, default=None,
                    help="epochs without improvement before the stage switch / stop "
-                        "(official: 3)")
+                        "(default: as many as --epochs, stage 1 throughout; official: 3)")
     p.add_argument("--seed", type=seed_int, default=333)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--n_anomalous", type=int, default=24,
@@ -81,17 +68,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_data(root: str, seed: int, n_anomalous: int) -> None:
-    common = dict(size=256, n_test_good=max(2, n_anomalous // 2), n_test_anomaly=n_anomalous,
-                  overwrite=True)
-    write_standard(root, name="demo_train", classes=TRAIN_CLASSES, seed=seed, n_train=1,
-                   **common)
-    # other images (another seed): the validation category and the unseen ones, with good
-    # train images from which the few-shot references are drawn (the test images never)
-    write_standard(root, name="demo_eval", classes=VAL_CLASSES + UNSEEN_CLASSES,
-                   seed=seed + 1, n_train=TRAIN_IMAGES, **common)
-
-
 DEMO_MARKER = ".bayes-pfl-demo"           # in --out: the folders below were written by the demo
 DEMO_FOLDERS = ("data", "train", "results")
 
@@ -99,7 +75,7 @@ DEMO_FOLDERS = ("data", "train", "results")
 def check_args(args: argparse.Namespace) -> None:
     """Every setting checked before any work."""
     for name, least in (("epochs", 1), ("n_anomalous", 1), ("patience", 0), ("eval_seeds", 1)):
-        if getattr(args, name) < least:
+        if getattr(args, name) is not None and getattr(args, name) < least:
             raise SettingsError(f"--{name} must be at least {least}, not {getattr(args, name)}")
 
 
@@ -136,51 +112,47 @@ def run(args: argparse.Namespace, out: str) -> int:
     set_seed(args.seed)
 
     data = os.path.join(out, "data")
-    logger.info("1/5 synthetic data: train %s | select %s | unseen %s", TRAIN_CLASSES,
-                VAL_CLASSES, UNSEEN_CLASSES)
-    make_data(data, args.seed, args.n_anomalous)
+    logger.info("1/5 synthetic data: train %s | select %s | unseen %s", demo.TRAIN_CLASSES,
+                demo.VAL_CLASSES, demo.UNSEEN_CLASSES)
+    demo.make_data(data, args.seed, args.n_anomalous)
 
     logger.info("2/5 a CLIP with RANDOM weights (width %d, %d blocks, patch %d, %d px): no "
                 "pretrained weights can be bundled, so this shows the method, not its accuracy",
-                GEOMETRY["vision_width"], GEOMETRY["vision_layers"], GEOMETRY["patch"],
-                IMAGE_SIZE)
-    clip_path = os.path.join(out, "clip_random.pt")
-    torch.save(make_clip_state_dict(seed=args.seed, **GEOMETRY), clip_path)
+                demo.GEOMETRY["vision_width"], demo.GEOMETRY["vision_layers"],
+                demo.GEOMETRY["patch"], demo.IMAGE_SIZE)
+    clip_path = demo.make_clip(os.path.join(out, "clip_random.pt"), args.seed)
 
-    logger.info("3/5 training Bayes-PFL on %s (%d epochs at most)", ", ".join(TRAIN_CLASSES),
+    logger.info("3/5 training Bayes-PFL on %s (%d epochs)", ", ".join(demo.TRAIN_CLASSES),
                 args.epochs)
-    config = TrainConfig(
-        dataset="demo_train", train_data_path=data, val_data_path=data,
-        val_dataset="demo_eval", val_classes=VAL_CLASSES,
-        save_path=os.path.join(out, "train"), pretrained_path=clip_path,
-        features_list=LAYERS, image_size=IMAGE_SIZE, batch_size=8, epochs=args.epochs,
-        sample_num=3, seed=args.seed, device=args.device, num_workers=0, print_freq=5,
-        cache_features=True, lr_overrides={"rest": 1e-2}, val_batch_size=8,
-        patience=args.patience, save_freq=args.epochs + 1)      # no per-epoch checkpoints
+    config = demo.train_config(data, clip_path, os.path.join(out, "train"), args.seed,
+                               args.device, args.epochs, args.patience)
     result = train(config, progress=None if args.quiet else tqdm)
-    os.remove(os.path.join(out, "train", "last.pth"))        # kept: best.pth and train.log
+    for name in ("last.pth", "best.pth"):             # kept: final.pth (evaluated), train.log
+        path = os.path.join(out, "train", name)
+        if os.path.exists(path):
+            os.remove(path)
     logger.info("training: %d epochs, stage switch after epoch %s, best validation pixel AP "
-                "%s, image AP %s", result.epochs_run, result.switch_epoch,
-                _fmt(result.best_pixel_ap), _fmt(result.best_image_ap))
+                "%s (epoch %s); the last epoch's model is evaluated", result.epochs_run,
+                result.switch_epoch, _fmt(result.best_pixel_ap), result.best_epoch.get(1))
 
-    logger.info("4/5 zero-shot evaluation on unseen categories: %s", ", ".join(UNSEEN_CLASSES))
-    clip = load_clip(clip_path, image_size=IMAGE_SIZE, device=args.device)
+    logger.info("4/5 zero-shot evaluation on unseen categories: %s",
+                ", ".join(demo.UNSEEN_CLASSES))
+    clip = load_clip(clip_path, image_size=demo.IMAGE_SIZE, device=args.device)
     model = result.model.eval()
-    detector = AnomalyDetector(clip, model, image_size=IMAGE_SIZE, sample_num=10,
-                               stage=result.final_stage, layers=LAYERS)
-    set_seed(args.seed)
-    dataset = AnomalyDataset(data, "demo_eval", mode="test", image_size=IMAGE_SIZE,
-                             class_names=UNSEEN_CLASSES)
-    loader = make_loader(dataset, batch_size=8, shuffle=False, num_workers=0, seed=args.seed)
-    results = os.path.join(out, "results")
-    make_output_folder(results, "--out")        # its pictures are never read as inputs
-    vis = None if args.no_vis else os.path.join(results, "imgs")
     seeds = [args.seed + k for k in range(args.eval_seeds)]
-    runs = evaluate_runs(detector, loader, "demo_eval", seeds, pro="exact", vis_dir=vis,
-                         progress=not args.quiet)
     settings = {"demo": vars(args), "stage": result.final_stage, "seeds": seeds}
     record = provenance(settings, clip_path, data=[data_record(data, "demo_eval")],
                         device=args.device, started=start)
+    save_checkpoint(model, os.path.join(out, "train", "final.pth"), result.final_stage,
+                    model_spec(config, clip), {"provenance": record})
+    detector = AnomalyDetector(clip, model, image_size=demo.IMAGE_SIZE, sample_num=10,
+                               stage=result.final_stage, layers=demo.LAYERS)
+    set_seed(args.seed)
+    dataset, loader = demo.eval_data(data, args.seed)
+    results = os.path.join(out, "results")
+    make_output_folder(results, "--out")        # its pictures are never read as inputs
+    vis = None if args.no_vis else os.path.join(results, "imgs")
+    runs = demo.zero_shot_runs(detector, loader, seeds, vis, progress=not args.quiet)
     tables, mean, mean_std = write_runs(runs, results, "demo_eval", settings,
                                         {"provenance": record})
     print("\nZero-shot results on categories never seen in training (random-weight CLIP; "
@@ -188,28 +160,28 @@ def run(args: argparse.Namespace, out: str) -> int:
     print(tables[None])
 
     logger.info("5/5 %d-shot evaluation on the same categories: %d good train images of each "
-                "as references, shot seeds %s", K_SHOT, K_SHOT, SHOT_SEEDS)
-    drawn = draw_references(data, "demo_eval", UNSEEN_CLASSES, K_SHOT, SHOT_SEEDS)
-    shot_runs = evaluate_runs(detector, loader, "demo_eval", [args.seed], pro="exact",
-                              progress=not args.quiet,
-                              references=reference_banks(detector, dataset, drawn))
-    shot_dir = os.path.join(results, f"{K_SHOT}shot")
-    shot_settings = {**settings, "seeds": [args.seed], "k_shot": K_SHOT,
-                     "shot_seeds": SHOT_SEEDS}
-    references = {"k_shot": K_SHOT, "from": "the train split",
+                "as references, shot seeds %s", demo.K_SHOT, demo.K_SHOT, demo.SHOT_SEEDS)
+    shot_runs, drawn = demo.few_shot_runs(detector, dataset, loader, data, args.seed,
+                                          progress=not args.quiet)
+    shot_dir = os.path.join(results, f"{demo.K_SHOT}shot")
+    shot_settings = {**settings, "seeds": [args.seed], "k_shot": demo.K_SHOT,
+                     "shot_seeds": demo.SHOT_SEEDS}
+    references = {"k_shot": demo.K_SHOT, "from": "the train split",
                   "paths": {str(shot): per_class for shot, per_class in drawn.items()}}
     shot_tables, shot_mean, shot_std = write_runs(
         shot_runs, shot_dir, "demo_eval", shot_settings,
-        {"shot_seeds": SHOT_SEEDS, "references": references, "provenance": record})
-    print(f"\n{K_SHOT}-shot results on the same categories ({K_SHOT} good train images of each "
-          f"as references; mean ± std over the shot seeds {' '.join(map(str, SHOT_SEEDS))}):")
+        {"shot_seeds": demo.SHOT_SEEDS, "references": references, "provenance": record})
+    k = demo.K_SHOT
+    print(f"\n{k}-shot results on the same categories ({k} good train images of each "
+          f"as references; mean ± std over the shot seeds "
+          f"{' '.join(map(str, demo.SHOT_SEEDS))}):")
     print(shot_tables[None])
     print("\nMean rows, zero-shot and few-shot:")
-    print(side_by_side({"zero-shot": (mean, mean_std), f"{K_SHOT}-shot": (shot_mean, shot_std)}))
+    print(side_by_side({"zero-shot": (mean, mean_std), f"{k}-shot": (shot_mean, shot_std)}))
     print(f"\nunseen-category pixel AUROC {100 * mean['auroc_px']:.1f} ± "
           f"{100 * mean_std.get('auroc_px', 0.0):.1f} zero-shot, "
           f"{100 * shot_mean['auroc_px']:.1f} ± {100 * shot_std.get('auroc_px', 0.0):.1f} "
-          f"{K_SHOT}-shot (chance: 50.0); results, pictures and logs in {out}; "
+          f"{k}-shot (chance: 50.0); results, pictures and logs in {out}; "
           f"{time.time() - start:.0f} s")
     return 0
 

@@ -28,8 +28,14 @@ def test_demo_learns_on_unseen_categories(tmp_path, capsys):
         assert (tmp_path / "results" / f"seed{seed}_results_demo_eval.json").is_file()
     # only the files it shows: no per-epoch checkpoints, no resumable state (and the marker
     # of an output folder)
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [OUTPUT_MARKER, "best.pth",
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [OUTPUT_MARKER,
+                                                                      "final.pth",
                                                                       "train.log"]
+    # the evaluated model is the kept one: final.pth loads strictly and records stage 1
+    import torch
+
+    final = torch.load(tmp_path / "train" / "final.pth", weights_only=True)
+    assert final["stage"] == res["settings"]["stage"] == 1 and final["provenance"]
     assert is_output_folder(tmp_path / "results")
     # the same categories 4-shot: references from their train split only, and better maps
     shot = json.loads((tmp_path / "results" / "4shot" / "results_demo_eval.json").read_text())

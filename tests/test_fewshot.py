@@ -24,7 +24,6 @@ from models.fewshot import ReferenceBank, fewshot_map, nearest_distance
 from models.noise import shared_noise
 from tests.clip_factory import TINY_LAYERS
 from utils.inference import predict_images
-from utils.protocol import COLUMNS
 
 TINY = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS), "--sample_num", "2",
         "--no_progress"]

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset.folder as folder_module
 import dataset.folder_layout as layout_module
 import test as test_script
 import train as train_script

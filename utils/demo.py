@@ -15,8 +15,6 @@ figure by 8 points between machines; the last epoch's model moves by about 2.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dataset.data import AnomalyDataset, make_loader
@@ -68,7 +66,8 @@ def train_config(data: str, clip_path: str, save_path: str, seed: int, device: s
         pretrained_path=clip_path, features_list=LAYERS, image_size=IMAGE_SIZE, batch_size=8,
         epochs=epochs, sample_num=3, seed=seed, device=device, num_workers=0, print_freq=5,
         cache_features=True, lr_overrides={"rest": REST_LR}, val_batch_size=8,
-        patience=epochs if patience is None else patience, save_freq=epochs)
+        patience=epochs if patience is None else patience,
+        save_freq=epochs + 1)                   # no per-epoch checkpoints
 
 
 def eval_data(data: str, seed: int) -> tuple[AnomalyDataset, object]:
@@ -98,8 +97,3 @@ def mean_pixel_auroc(runs: dict) -> float:
     """The mean over runs of the mean over classes of the pixel AUROC (the printed figure)."""
     means = [sum(row["auroc_px"] for row in rows.values()) / len(rows) for rows in runs.values()]
     return sum(means) / len(means)
-
-
-def final_checkpoint(save_path: str, epochs_run: int, stage: int) -> str:
-    """The file of the last epoch's parameters that train.py wrote (save_freq = epochs)."""
-    return os.path.join(save_path, f"epoch_post_{epochs_run}_{stage}.pth")

@@ -44,7 +44,7 @@ from models.fewshot import ReferenceBank
 from models.imaging import preprocess, preprocess_image, to_pil_image
 from models.noise import shared_noise
 from utils.discovery import (ImageItem, LeftOut, collect_images, file_key, group_by_class,
-                             left_out_summary, overlay_names, why_no_images)
+                             overlay_names, why_no_images)
 from utils.onnx_detector import OnnxDetector
 from utils.protocol import gaussian_smooth, topk_for_class
 from utils.results import OutputError, write_text
