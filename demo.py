@@ -19,9 +19,10 @@
 The demo-only settings (utils/demo.py says why each differs from train.py's defaults): cached
 frozen CLIP outputs (no augmentation), the "rest" parameter group at 5e-3, 224 px, batch 8, a
 random CLIP of width 256 with 12 vision blocks (layers 3 6 9 12), 30 epochs with a patience
-as long as the training (stage 1 throughout: the model of the last epoch is evaluated and
-kept as demo_output/train/final.pth). With a random text tower the image-level text score
-stays near chance; the anomaly maps are what learns here.
+as long as the training (stage 1 throughout), and the mean of the parameters after each of
+the last 15 epochs as the model evaluated (kept as demo_output/train/final.pth). With a
+random text tower the image-level text score stays near chance; the anomaly maps are what
+learns here.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from utils.cli import Parser, fail, seed_int
 from utils.misc import set_seed, setup_logging
 from utils.provenance import data_record, provenance
 from utils.results import make_output_folder, write_runs, write_text
-from utils.training import train
 from utils.training.config import model_spec
 
 
@@ -126,14 +126,15 @@ def run(args: argparse.Namespace, out: str) -> int:
                 args.epochs)
     config = demo.train_config(data, clip_path, os.path.join(out, "train"), args.seed,
                                args.device, args.epochs, args.patience)
-    result = train(config, progress=None if args.quiet else tqdm)
+    result = demo.train_averaged(config, progress=None if args.quiet else tqdm)
     for name in ("last.pth", "best.pth"):             # kept: final.pth (evaluated), train.log
         path = os.path.join(out, "train", name)
         if os.path.exists(path):
             os.remove(path)
     logger.info("training: %d epochs, stage switch after epoch %s, best validation pixel AP "
-                "%s (epoch %s); the last epoch's model is evaluated", result.epochs_run,
-                result.switch_epoch, _fmt(result.best_pixel_ap), result.best_epoch.get(1))
+                "%s (epoch %s); the mean of the parameters after each of the last %d epochs is "
+                "evaluated", result.epochs_run, result.switch_epoch,
+                _fmt(result.best_pixel_ap), result.best_epoch.get(1), demo.AVERAGE_LAST)
 
     logger.info("4/5 zero-shot evaluation on unseen categories: %s",
                 ", ".join(demo.UNSEEN_CLASSES))

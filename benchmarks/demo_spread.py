@@ -33,11 +33,11 @@ PERTURBATIONS = (("2 threads", 2, 0.0, 0), ("1 thread", 1, 0.0, 0),
                  ("weights + 1e-6", 2, 1e-6, 0), ("training seed + 1", 2, 0.0, 1))
 
 
-class PerturbedTrainer(Trainer):
-    """The trainer with every floating-point parameter of the freshly built Bayes-PFL module
-    moved by ``eps`` times a fixed standard-normal draw."""
+class PerturbedTrainer(demo.AveragingTrainer):
+    """The demo's trainer with every floating-point parameter of the freshly built Bayes-PFL
+    module moved by ``eps`` times a fixed standard-normal draw."""
 
-    def __init__(self, config, eps: float, **kwargs):
+    def __init__(self, config, eps: float = 0.0, **kwargs):
         super().__init__(config, **kwargs)
         self.eps = eps
 
@@ -60,7 +60,7 @@ def one_run(out: str, data: str, clip_path: str, threads: int, eps: float, seed:
     config.overwrite = True
     set_seed(seed)
     started = time.time()
-    result = PerturbedTrainer(config, eps).run()
+    result = demo.train_averaged(config, trainer_class=PerturbedTrainer, eps=eps)
     clip = load_clip(clip_path, image_size=demo.IMAGE_SIZE)
     detector = AnomalyDetector(clip, result.model.eval(), image_size=demo.IMAGE_SIZE,
                                sample_num=10, stage=result.final_stage, layers=demo.LAYERS)

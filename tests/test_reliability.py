@@ -131,7 +131,14 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(synth, tin
     assert "--resume" in str(info.value) and "--overwrite" in str(info.value)
     assert {p.name: p.stat().st_mtime_ns for p in save.iterdir()} == before   # untouched
 
-    (save / "epoch_post_9_2.pth").write_bytes(b"an old run's later epoch")
+    # --overwrite deletes only files a run wrote: a file of another origin stops it
+    (save / "epoch_post_9_2.pth").write_bytes(b"not written by train.py")
+    with pytest.raises(TrainingError, match="--overwrite would delete .*epoch_post_9_2.pth"):
+        train(config(synth, tiny_files[0], save, epochs=1, overwrite=True))
+    assert (save / "epoch_post_9_2.pth").read_bytes() == b"not written by train.py"
+    import shutil
+
+    shutil.copy(save / "epoch_post_1_1.pth", save / "epoch_post_9_2.pth")   # a run's own file
     (save / "last.pth.tmp4242").write_bytes(b"left by a kill")
     train(config(synth, tiny_files[0], save, epochs=1, overwrite=True))
     names = sorted(p.name for p in save.iterdir())
