@@ -16,17 +16,13 @@ import torch
 from PIL import Image
 
 import export
-import predict
-import test as test_script
 import train as train_script
 from dataset.outputs import (clear_own, is_marked_png, is_own_checkpoint, is_own_file,
                              marked_png)
 from tests.clip_factory import TINY_LAYERS
+from tests.helpers import run_predict, run_test_py
 from utils.discovery import ImageItem, overlay_names
 from utils.pictures import _sigint_ignored, picture_names
-
-TINY = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS), "--sample_num", "2",
-        "--no_progress"]
 
 
 def _images(folder, names, seed=0):
@@ -39,15 +35,11 @@ def _images(folder, names, seed=0):
 
 
 def _test_py(tiny_files, root, out, *extra):
-    clip, ckpt = tiny_files
-    return test_script.main(["--dataset", "synth", "--data_path", root, "--checkpoint_path",
-                             ckpt, "--pretrained_path", clip, *TINY, "--num_workers", "0",
-                             "--save_path", str(out), *extra])
+    return run_test_py(tiny_files, root, out, *extra)
 
 
 def _predict(tiny_files, *extra):
-    clip, ckpt = tiny_files
-    return predict.main(["--pretrained_path", clip, "--checkpoint_path", ckpt, *TINY, *extra])
+    return run_predict(tiny_files, *extra)
 
 
 def _one_error(capsys) -> str:

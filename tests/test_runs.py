@@ -18,27 +18,19 @@ import pytest
 from PIL import Image
 
 import predict
-import test as test_script
 import utils.evaluate as evaluate
 import utils.inference as inference
 from models import AnomalyDetector
 from utils.cli import interrupt_on_sigterm
-from tests.clip_factory import TINY_LAYERS
-
-TINY = ["--image_size", "32", "--features_list", *map(str, TINY_LAYERS), "--sample_num", "2",
-        "--no_progress"]
+from tests.helpers import TINY, run_predict, run_test_py
 
 
-def _test_py(tiny_files, synth_root, out, *extra):
-    clip, ckpt = tiny_files
-    return test_script.main(["--dataset", "synth", "--data_path", synth_root, "--checkpoint_path",
-                             ckpt, "--pretrained_path", clip, *TINY, "--num_workers", "0",
-                             "--save_path", str(out), *extra])
+def _test_py(tiny_files, root, out, *extra):
+    return run_test_py(tiny_files, root, out, *extra)
 
 
 def _predict(tiny_files, *extra):
-    clip, ckpt = tiny_files
-    return predict.main(["--pretrained_path", clip, "--checkpoint_path", ckpt, *TINY, *extra])
+    return run_predict(tiny_files, *extra)
 
 
 def _images(folder, count, start=0):

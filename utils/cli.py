@@ -45,37 +45,34 @@ WORKERS_HELP = ("DataLoader workers (default: one per CPU available to this proc
                 "torchrun, the CPUs shared by the processes of a machine)")
 
 
+def _whole_within(text: str, low: int, high: int | None, what: str) -> int:
+    """``text`` as an integer within ``low`` .. ``high`` (None: no upper end), or the argparse
+    error saying ``what`` it must be."""
+    value = int(text)
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{what}, not {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer of at least 1 (argparse type)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+    return _whole_within(text, 1, None, "must be at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer of at least 0 (argparse type)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
+    return _whole_within(text, 0, None, "must be at least 0")
 
 
 def seed_int(text: str) -> int:
     """A seed within 0 .. SEED_MAX (argparse type)."""
-    value = int(text)
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be a whole number within 0..{SEED_MAX} (a "
-                                         f"seed), not {value}")
-    return value
+    return _whole_within(text, 0, SEED_MAX, f"must be a whole number within 0..{SEED_MAX} (a "
+                                            f"seed)")
 
 
 def port_int(text: str) -> int:
     """A TCP port, 1 .. 65535 (argparse type)."""
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port within 1..65535, not {value}")
-    return value
+    return _whole_within(text, 1, 65535, "must be a port within 1..65535")
 
 
 def finite_float(text: str) -> float:
